@@ -15,7 +15,7 @@ import pytest
 
 from anneal.scheduler import OptimizerParamScheduler
 
-GOLDEN = Path(os.environ.get("ANNEAL_GOLDEN_FILE", Path(__file__).parents[1] / "data" / "megatron_scheduler_cases.json"))
+GOLDEN = Path(os.environ.get("ANNEAL_GOLDEN_FILE", Path(__file__).parents[1] / "fixtures" / "megatron_scheduler_cases.json"))
 REL_TOL = 1e-12
 # Megatron's attributes, compared after load_state_dict.
 ATTRIBUTES = (

@@ -153,13 +153,13 @@ class Phases:
     decay_end: float
     wd_incr_end: float
 
-    def rows(self) -> list[tuple[str, float]]:
-        return [
+    def rows(self, wd_ramp: bool = True) -> list[tuple[str, float]]:
+        rows = [
             ("warmup end", self.warmup_end),
             ("stable end / anneal start", self.anneal_start),
             ("decay end", self.decay_end),
-            ("weight-decay ramp end", self.wd_incr_end),
         ]
+        return rows + [("weight-decay ramp end", self.wd_incr_end)] if wd_ramp else rows
 
 
 def phases(s: Schedule) -> Phases:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Pretrain a language model: `python scripts/pretrain.py [hydra overrides]`, or under torchrun.
+
+Examples:
+    python scripts/pretrain.py                                  # tiny Qwen3 on CPU, about a minute
+    python scripts/pretrain.py scheduler=wsd dry_run=true       # print the derived schedule and exit
+    torchrun --nproc-per-node 2 scripts/pretrain.py optimizer=distributed_fused_adam
+"""
+
+from anneal.cli.pretrain import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line entry points (``anneal-pretrain``; ``scripts/`` holds thin wrappers)."""

@@ -1,0 +1,63 @@
+"""``anneal-pretrain`` / ``scripts/pretrain.py``: compose, validate, then dry-run or train.
+
+The config is composed and validated before Hydra sets up a run directory and before any
+process group or model exists; a bad value exits with one line on stderr (exit code 2).
+Set ANNEAL_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from anneal.cli import args as cli_args
+from anneal.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = cli_args.parse(argv)
+    try:
+        from anneal.config.compose import load
+
+        cfg = load(args.overrides, args.config_name, args.search_dir)
+        derived = None if args.hydra_only else cfg.validate()
+    except ConfigError as error:
+        fail(error)
+    if cfg.dry_run and not args.hydra_only:
+        from anneal.cli.dry_run import report
+
+        print(report(cfg, derived), flush=True)
+        return
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+def fail(error: ConfigError) -> None:
+    if os.environ.get("ANNEAL_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"anneal: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    @hydra.main(config_path="pkg://anneal.conf", config_name="config", version_base=None)
+    def task(dict_cfg) -> None:
+        from anneal.config.compose import instantiate
+
+        try:
+            cfg = instantiate(dict_cfg)
+            derived = cfg.validate()
+            from anneal.training.run import run
+
+            run(cfg, derived)
+        except ConfigError as error:
+            fail(error)
+
+    task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""Typed configuration: one dataclass per section, validated before anything starts.
+
+Pure Python: importing this package imports neither torch nor Hydra.
+"""

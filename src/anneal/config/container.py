@@ -1,0 +1,53 @@
+"""The root ``ConfigContainer``: one section per concern, checked alone and together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from anneal.config.dataset import DatasetConfig
+from anneal.config.derive import Derived, derive
+from anneal.config.model import ModelConfig
+from anneal.config.optimizer import OptimizerConfig
+from anneal.config.runtime import CheckpointConfig, DistributedConfig, LoggerConfig, RNGConfig
+from anneal.config.scheduler import SchedulerConfig
+from anneal.config.training import TrainingConfig
+from anneal.config.types import check_types
+from anneal.errors import ConfigError
+
+
+@dataclass
+class ConfigContainer:
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    rng: RNGConfig = field(default_factory=RNGConfig)
+    dry_run: bool = False
+
+    def validate(self) -> Derived:
+        """Check types, every section, then the rules across sections; return the derived values."""
+        check_types(self)
+        for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
+                        self.checkpoint, self.logger, self.dist, self.rng):
+            section.validate()
+        return derive(self.train, self.optimizer, self.scheduler)
+
+
+def check_world(train: TrainingConfig, data_parallel_size: int) -> int:
+    """Microbatches per iteration for ``data_parallel_size`` ranks; the checks need the world size."""
+    per_round = train.micro_batch_size * data_parallel_size
+    batches = [train.global_batch_size]
+    if train.rampup_batch_size is not None:
+        batches += train.rampup_batch_size[:2]
+    for batch in batches:
+        if batch % per_round:
+            raise ConfigError(
+                f"train.global_batch_size ({batch}) must be divisible by train.micro_batch_size "
+                f"({train.micro_batch_size}) × data-parallel size ({data_parallel_size}) = {per_round}"
+                + (" (this batch size comes from train.rampup_batch_size)" if batch != batches[0] else "")
+            )
+    return train.global_batch_size // per_round

@@ -1,0 +1,97 @@
+"""``optimizer.``: Megatron-Core's ``OptimizerConfig`` fields and defaults, plus anneal's rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from anneal.errors import ConfigError, check_choice
+
+OPTIMIZERS = ("adam", "sgd")
+DISTRIBUTED_BACKENDS = ("auto", "native", "apex")
+
+
+@dataclass
+class ParamGroupRule:
+    """Layer-wise multipliers for every parameter whose name matches ``pattern`` (``fnmatch``).
+
+    ``lr_mult`` scales the group's ``max_lr`` and ``min_lr``; ``wd_mult`` multiplies its weight
+    decay. The first matching rule wins. A rule that matches no parameter is an error.
+    """
+
+    pattern: str = "*"
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "adam"
+    lr: float | None = None
+    min_lr: float | None = None
+    decoupled_lr: float | None = None  # embeddings and output layer, when set
+    decoupled_min_lr: float | None = None
+    weight_decay: float = 0.01
+    apply_wd_to_qk_layernorm: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-08
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: float | None = None  # static loss scale; None means dynamic (fp16 only)
+    initial_loss_scale: float = 4294967296.0  # 2**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
+    # anneal's additions
+    distributed_backend: str = "auto"  # auto: apex when importable with CUDA, else native
+    param_group_rules: list[ParamGroupRule] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("optimizer.distributed_backend", self.distributed_backend, DISTRIBUTED_BACKENDS)
+        if self.lr is None:
+            raise ConfigError("optimizer.lr (None) must be set")
+        _non_negative("optimizer.lr", self.lr)
+        _non_negative("optimizer.min_lr", self.min_lr)
+        _non_negative("optimizer.weight_decay", self.weight_decay)
+        _non_negative("optimizer.clip_grad", self.clip_grad)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr ({self.min_lr}) must be <= optimizer.lr ({self.lr})")
+        if self.decoupled_lr is not None and (self.decoupled_min_lr or 0.0) > self.decoupled_lr:
+            raise ConfigError(
+                f"optimizer.decoupled_min_lr ({self.decoupled_min_lr}) must be <= "
+                f"optimizer.decoupled_lr ({self.decoupled_lr})"
+            )
+        if self.bf16 and self.fp16:
+            raise ConfigError("optimizer.bf16 (True) and optimizer.fp16 (True) are mutually exclusive")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optimizer.{name} ({value}) must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"optimizer.adam_eps ({self.adam_eps}) must be > 0")
+        if self.loss_scale is not None and not self.loss_scale > 0:
+            raise ConfigError(f"optimizer.loss_scale ({self.loss_scale}) must be > 0 or null (dynamic)")
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale:
+            raise ConfigError(
+                f"optimizer.min_loss_scale ({self.min_loss_scale}) must be in (0, optimizer.initial_loss_scale "
+                f"({self.initial_loss_scale})]"
+            )
+        if self.hysteresis < 1 or self.loss_scale_window < 1:
+            raise ConfigError(
+                f"optimizer.hysteresis ({self.hysteresis}) and optimizer.loss_scale_window "
+                f"({self.loss_scale_window}) must be >= 1"
+            )
+        for i, rule in enumerate(self.param_group_rules):
+            _non_negative(f"optimizer.param_group_rules[{i}].lr_mult", rule.lr_mult)
+            _non_negative(f"optimizer.param_group_rules[{i}].wd_mult", rule.wd_mult)
+
+
+def _non_negative(path: str, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{path} ({value}) must be >= 0")

@@ -1,0 +1,86 @@
+"""Each validation rule fires, and its message starts with (or names) the dotted field."""
+
+from __future__ import annotations
+
+import pytest
+
+from anneal.config.container import check_world
+from anneal.errors import ConfigError
+
+# (overrides, text the message must contain)
+RULES = [
+    (["optimizer.optimizer=adamw"], "optimizer.optimizer ('adamw')"),
+    (["optimizer.lr=null"], "optimizer.lr (None) must be set"),
+    (["optimizer.lr=-1"], "optimizer.lr (-1)"),
+    (["optimizer.min_lr=1.0"], "optimizer.min_lr (1.0) must be <= optimizer.lr"),
+    (["optimizer.bf16=true", "optimizer.fp16=true"], "optimizer.bf16 (True) and optimizer.fp16 (True)"),
+    (["optimizer.adam_beta2=1.0"], "optimizer.adam_beta2 (1.0)"),
+    (["optimizer.adam_eps=0"], "optimizer.adam_eps (0)"),
+    (["optimizer.lr=abc"], "optimizer.lr ('abc') must be a number"),
+    (["optimizer.decoupled_lr=1e-4", "optimizer.decoupled_min_lr=1e-3"], "optimizer.decoupled_min_lr"),
+    (["optimizer.min_loss_scale=0"], "optimizer.min_loss_scale (0)"),
+    (["scheduler.lr_decay_style=cosin"], "did you mean 'cosine'"),
+    (["scheduler.lr_wsd_decay_style=sqrt"], "scheduler.lr_wsd_decay_style ('sqrt')"),
+    (["scheduler.weight_decay_incr_style=exp"], "scheduler.weight_decay_incr_style ('exp')"),
+    (["scheduler.lr_warmup_iters=300"], "scheduler.lr_warmup_iters (300) must be < train.train_iters (300)"),
+    (["scheduler.lr_warmup_iters=250", "scheduler.lr_decay_iters=200"],
+     "scheduler.lr_warmup_iters (250) must be < scheduler.lr_decay_iters (200)"),
+    (["scheduler.lr_warmup_fraction=0.1"], "scheduler.lr_warmup_fraction (0.1) and scheduler.lr_warmup_iters (30)"),
+    (["scheduler.lr_warmup_fraction=1.5", "scheduler.lr_warmup_iters=0"], "scheduler.lr_warmup_fraction (1.5)"),
+    (["scheduler.lr_warmup_samples=64"], "scheduler.lr_warmup_samples (64) cannot be used with train.train_iters"),
+    (["train.train_iters=null", "train.train_samples=3200"],
+     "scheduler.lr_warmup_iters (30) cannot be used with train.train_samples"),
+    (["train.train_samples=3200"], "train.train_iters (300) and train.train_samples (3200): set exactly one"),
+    (["scheduler.lr_warmup_init=1.0"], "scheduler.lr_warmup_init (1.0) must be <= optimizer.lr"),
+    (["scheduler.override_opt_param_scheduler=true", "scheduler.use_checkpoint_opt_param_scheduler=true"],
+     "scheduler.override_opt_param_scheduler (True) and scheduler.use_checkpoint_opt_param_scheduler (True)"),
+    (["scheduler.start_weight_decay=0.2", "scheduler.end_weight_decay=0.1"], "scheduler.end_weight_decay (0.1)"),
+    (["scheduler.start_weight_decay=0.0", "scheduler.end_weight_decay=0.1"],
+     "scheduler.start_weight_decay (0.0) must equal scheduler.end_weight_decay (0.1)"),
+    (["scheduler=wsd", "scheduler.lr_wsd_decay_iters=290"], "scheduler.lr_wsd_decay_iters (290) must leave the warmup"),
+    (["scheduler=wsd", "scheduler.lr_wsd_decay_iters=0"], "scheduler.lr_wsd_decay_iters (0) must be in [1, 300]"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size (10) must be divisible"),
+    (["train.train_iters=0"], "train.train_iters (0) must be >= 1"),
+    (["train.rampup_batch_size=[4,4]"], "train.rampup_batch_size ([4, 4])"),
+    (["train.rampup_batch_size=[8,3,100]"], "must be a non-negative multiple of the increment (3)"),
+    (["train.rampup_batch_size=[4,4,100]"], "the start batch (4) must be divisible by train.micro_batch_size (8)"),
+    (["checkpoint.save_interval=0"], "checkpoint.save_interval (0)"),
+    (["logger.log_interval=0"], "logger.log_interval (0)"),
+    (["dist.backend=mpi"], "dist.backend ('mpi')"),
+    (["dist.backend=nccl", "dist.device=cpu"], "dist.backend ('nccl') needs dist.device"),
+    (["rng.seed=-1"], "rng.seed (-1)"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", RULES, ids=[" ".join(r[0]) for r in RULES])
+def test_rule_fires_and_names_the_field(compose, overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose(*overrides).validate()
+    assert expected in str(info.value)
+
+
+def test_misspelled_key_suggests_the_closest(compose) -> None:
+    with pytest.raises(ConfigError, match=r"scheduler.lr_warmup_itres is not a config key; did you mean "
+                                          r"scheduler.lr_warmup_iters\?"):
+        compose("scheduler.lr_warmup_itres=10")
+
+
+def test_misspelled_group_option_suggests_the_closest(compose) -> None:
+    with pytest.raises(ConfigError, match=r"scheduler \('cosin'\) is not a config.*did you mean scheduler=cosine"):
+        compose("scheduler=cosin")
+
+
+def test_unset_weight_decay_bounds_take_optimizer_weight_decay(compose) -> None:
+    schedule = compose("optimizer.weight_decay=0.05").validate().schedule
+    assert (schedule.start_wd, schedule.end_wd) == (0.05, 0.05)
+    schedule = compose("scheduler.start_weight_decay=0.0", "scheduler.end_weight_decay=0.2",
+                       "scheduler.weight_decay_incr_style=linear").validate().schedule
+    assert (schedule.start_wd, schedule.end_wd, schedule.wd_incr_style) == (0.0, 0.2, "linear")
+
+
+def test_world_size_rule_names_the_fields(compose) -> None:
+    train = compose("train.global_batch_size=16", "train.micro_batch_size=4").train
+    assert check_world(train, 2) == 2
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\) must be divisible by "
+                                          r"train.micro_batch_size \(4\) × data-parallel size \(3\)"):
+        check_world(train, 3)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real shipped conf/, composed by Hydra."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture
+def compose():
+    """Compose the shipped conf/ with overrides and instantiate it: (overrides) -> ConfigContainer."""
+    from anneal.config.compose import load
+
+    return lambda *overrides: load(list(overrides))
+
+
+def run_cli(*args: str, script: str = "pretrain.py", env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a scripts/ entry point as a real subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("ANNEAL_FULL_ERROR", None)
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
