@@ -24,8 +24,7 @@ def compose():
 def run_cli(*args: str, script: str = "pretrain.py", env: dict | None = None, cwd: Path | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a scripts/ entry point as a real subprocess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("ANNEAL_FULL_ERROR", None)
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ANNEAL_FULL_ERROR", "HYDRA_FULL_ERROR")}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout)
