@@ -49,6 +49,7 @@ RULES = [
     (["dist.backend=mpi"], "dist.backend ('mpi')"),
     (["dist.backend=nccl", "dist.device=cpu"], "dist.backend ('nccl') needs dist.device"),
     (["rng.seed=-1"], "rng.seed (-1)"),
+    (["model.vocab_size=200"], "model.vocab_size (200) must be > the largest token of dataset.kind 'stdlib' (256)"),
 ]
 
 

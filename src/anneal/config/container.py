@@ -34,6 +34,10 @@ class ConfigContainer:
         for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
                         self.checkpoint, self.logger, self.dist, self.rng):
             section.validate()
+        known = self.dataset.known_max_token()
+        if known is not None and known >= self.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({self.model.vocab_size}) must be > the largest token of "
+                              f"dataset.kind {self.dataset.kind!r} ({known})")
         return derive(self.train, self.optimizer, self.scheduler)
 
 

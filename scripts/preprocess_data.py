@@ -1,0 +1,47 @@
+"""Convert text files or JSONL into a Megatron indexed dataset for ``dataset=indexed``.
+
+    python scripts/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus_text_document
+    python scripts/preprocess_data.py --input a.txt b.txt --output-prefix data/ab \\
+        --tokenizer-file path/to/tokenizer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from anneal.data.preprocess import INPUT_FORMATS, preprocess
+from anneal.data.tokenizer import load_tokenizer
+from anneal.errors import ConfigError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="text files (one document each) or JSONL")
+    parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    parser.add_argument("--json-key", default="text", help="the JSONL field holding each document's text")
+    parser.add_argument("--format", default="auto", choices=INPUT_FORMATS,
+                        help="auto: JSONL for .jsonl/.json files, text otherwise")
+    parser.add_argument("--tokenizer-file", default=None, help="a local Hugging Face tokenizer.json "
+                        "(default: the byte tokenizer, 257 ids)")
+    parser.add_argument("--eod-token", default=None, help="end-of-document token of --tokenizer-file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer_file, eod_token=args.eod_token)
+        stats = preprocess(args.input, args.output_prefix, tokenizer=tokenizer, json_key=args.json_key,
+                           input_format=args.format)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.output_prefix}: {stats.documents} documents, {stats.tokens} tokens "
+          f"(vocab {tokenizer.vocab_size}, eod {tokenizer.eod}), {stats.skipped_empty} empty skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

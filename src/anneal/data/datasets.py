@@ -1,0 +1,255 @@
+"""GPT-style training data: fixed windows of ``seq_length + 1`` tokens over one token stream.
+
+Documents (each ending in an end-of-document token) are concatenated into one stream; the stream is cut
+by the ``dataset.split`` weights into contiguous train / valid / test token ranges, and each range into
+windows ``[w * seq_length, w * seq_length + seq_length + 1)`` (inputs plus the labels shifted by one; a
+window's last token is the next window's first, as in Megatron's GPTDataset).
+
+Sample ``i`` of a split is window ``perm_e[i % n]`` with ``e = i // n`` the epoch and ``perm_e`` a
+permutation of the ``n`` windows seeded by ``(dataset.seed, split, e)``. So a sample is a pure function of
+the seed and its index: it does not depend on the world size, and a run resumed at ``consumed_samples``
+sees exactly the samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from anneal.config.dataset import BYTE_EOD, DatasetConfig, split_weights
+from anneal.data.indexed import IndexedDataset
+from anneal.errors import ConfigError
+
+SPLIT_NAMES = ("train", "valid", "test")
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+_MOCK_MAX_DOCUMENT_LENGTH = 4096  # Megatron's MockGPTLowLevelDataset.max_sequence_length
+_VOCAB_SCAN_TOKENS = 1 << 27  # per indexed prefix at build; every batch is checked again when read
+
+
+class TokenStream:
+    """Several token arrays (in memory or memory-mapped) read as one."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [part for part in parts if len(part)]
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` in the parts' dtype: a view unless it crosses parts."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"tokens [{start}, {start + length}) out of range for a stream of {len(self)}")
+        part = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while length > 0:
+            offset = start - int(self.starts[part])
+            piece = self.parts[part][offset:offset + length]
+            pieces.append(piece)
+            start, length, part = start + len(piece), length - len(piece), part + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class TokenWindows:
+    """The windows of one split; ``gather(samples)`` returns ``[len(samples), seq_length + 1]`` int64 tokens.
+
+    Sample indices run past ``len(self)`` (the windows per epoch) into later, reshuffled epochs.
+    """
+
+    def __init__(self, stream: TokenStream, *, start: int, stop: int, seq_length: int, seed: int,
+                 split: int, vocab_size: int, eod: int | None) -> None:
+        self.stream = stream
+        self.start = start
+        self.num_tokens = stop - start
+        self.seq_length = seq_length
+        self.seed = seed
+        self.split = split
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_length)
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __repr__(self) -> str:
+        return (f"TokenWindows({SPLIT_NAMES[self.split]}: {self.num_windows} windows of "
+                f"{self.seq_length} + 1 tokens over {self.num_tokens} tokens, seed {self.seed})")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The window order of ``epoch`` (the last two are cached)."""
+        if epoch not in self._permutations:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.split, epoch]))
+            if len(self._permutations) >= 2:
+                self._permutations.pop(min(self._permutations))
+            self._permutations[epoch] = rng.permutation(self.num_windows)
+        return self._permutations[epoch]
+
+    def windows(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The window index each sample reads."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if self.num_windows == 0:
+            raise IndexError(f"the {SPLIT_NAMES[self.split]} split has no windows")
+        if samples.size and samples.min() < 0:
+            raise IndexError(f"sample indices must be >= 0 (got {samples.min()})")
+        epochs, positions = np.divmod(samples, self.num_windows)
+        out = np.empty_like(samples)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self.permutation(int(epoch))[positions[mask]]
+        return out
+
+    def gather(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Tokens of ``samples``: ``[len(samples), seq_length + 1]`` int64."""
+        starts = self.start + self.windows(samples) * self.seq_length
+        width = self.seq_length + 1
+        batch = np.empty((len(starts), width), dtype=np.int64)
+        for row, start in enumerate(starts):
+            batch[row] = self.stream.read(int(start), width)  # the one copy, cast to int64
+        if batch.size:  # cheap insurance for data the build only sampled (large indexed prefixes)
+            source = f"the {SPLIT_NAMES[self.split]} split"
+            _check_token_range(int(batch.min()), int(batch.max()), self.vocab_size, source)
+        return batch
+
+    def __getitem__(self, sample: int) -> np.ndarray:
+        return self.gather([sample])[0]
+
+
+def build_datasets(cfg: DatasetConfig, *, seq_length: int,
+                   vocab_size: int) -> tuple[TokenWindows, TokenWindows]:
+    """The (train, valid) windows of ``cfg``.
+
+    ConfigError if ``cfg`` is invalid, its tokens do not fit ``vocab_size`` or are too few for a window.
+    """
+    cfg.validate()
+    if seq_length < 1:
+        raise ConfigError(f"model.seq_length ({seq_length}) must be >= 1")
+    stream, eod, size_field = _load_stream(cfg, vocab_size)
+    bounds = split_bounds(len(stream), split_weights(cfg.split))
+    train, valid = (
+        TokenWindows(stream, start=bounds[i], stop=bounds[i + 1], seq_length=seq_length,
+                     seed=cfg.seed, split=i, vocab_size=vocab_size, eod=eod)
+        for i in (0, 1)
+    )
+    if len(train) == 0:
+        value = getattr(cfg, size_field.removeprefix("dataset."))
+        raise ConfigError(f"{size_field} ({value!r}) gives the train split {train.num_tokens} tokens, "
+                          f"fewer than one window of seq_length + 1 = {seq_length + 1}")
+    if len(valid) == 0 and split_weights(cfg.split)[1] > 0:
+        raise ConfigError(f"dataset.split ({cfg.split!r}) gives the valid split {valid.num_tokens} "
+                          f"tokens, fewer than one window of seq_length + 1 = {seq_length + 1}; raise "
+                          "its weight or set it to 0")
+    return train, valid
+
+
+def split_bounds(num_tokens: int, weights: Sequence[float]) -> list[int]:
+    """Token offsets ``[0, end_train, end_valid, num_tokens]`` cutting the stream by ``weights``."""
+    total = float(sum(weights))
+    cumulative = np.cumsum(weights) / total
+    return [0] + [round(num_tokens * fraction) for fraction in cumulative[:-1]] + [num_tokens]
+
+
+def _load_stream(cfg: DatasetConfig, vocab_size: int) -> tuple[TokenStream, int | None, str]:
+    """The token stream of ``cfg``, its end-of-document id, and the field that sets its size."""
+    if cfg.kind == "stdlib":
+        _check_token_range(0, BYTE_EOD, vocab_size, "dataset.kind 'stdlib' (byte tokens)")
+        return TokenStream([stdlib_tokens(cfg.stdlib_max_bytes)]), BYTE_EOD, "dataset.stdlib_max_bytes"
+    if cfg.kind == "mock":
+        if vocab_size < 2:
+            raise ConfigError(f"model.vocab_size ({vocab_size}) must be >= 2 for dataset.kind 'mock'")
+        tokens = mock_tokens(cfg.mock_num_tokens, vocab_size=vocab_size, seed=cfg.seed)
+        return TokenStream([tokens]), vocab_size - 1, "dataset.mock_num_tokens"
+    parts = [_open_prefix(i, prefix, vocab_size).tokens for i, prefix in enumerate(cfg.data_path)]
+    return TokenStream(parts), None, "dataset.data_path"
+
+
+def stdlib_sources(max_bytes: int, root: str | Path | None = None) -> list[bytes]:
+    """The standard library's ``.py`` sources in a fixed order, cut off after ``max_bytes`` in all.
+
+    Directories and files are visited in sorted order, skipping third-party (``site-packages``) and test
+    directories and empty files; the last file is truncated so the total is ``min(max_bytes, what there
+    is)``.
+    """
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    sources: list[bytes] = []
+    budget = max_bytes
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(name for name in dirnames if name not in _SKIPPED_DIRS)
+        for name in sorted(filenames):
+            data = (Path(directory) / name).read_bytes()[:budget] if name.endswith(".py") else b""
+            if not data:  # not Python, or an empty __init__.py: no document
+                continue
+            sources.append(data)
+            budget -= len(data)
+            if budget == 0:
+                return sources
+    return sources
+
+
+def stdlib_tokens(max_bytes: int, root: str | Path | None = None) -> np.ndarray:
+    """Byte tokens of the stdlib sources, each followed by the end-of-document token (uint16)."""
+    eod = np.array([BYTE_EOD], dtype=np.uint16)
+    pieces = []
+    for source in stdlib_sources(max_bytes, root):
+        pieces += [np.frombuffer(source, dtype=np.uint8), eod]
+    if not pieces:
+        where = root or sysconfig.get_paths()["stdlib"]
+        raise ConfigError(f"dataset.kind 'stdlib': no .py files under {where}")
+    return np.concatenate(pieces, dtype=np.uint16)
+
+
+def mock_tokens(num_tokens: int, *, vocab_size: int, seed: int) -> np.ndarray:
+    """Seeded random tokens in ``[0, vocab_size - 1)`` cut into documents of 1-4095 tokens, each ending in
+    the end-of-document id ``vocab_size - 1`` (Megatron's mock document lengths, random token ids)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6D6F636B]))  # "mock"
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    tokens = rng.integers(0, vocab_size - 1, size=num_tokens, dtype=np.int64).astype(dtype)
+    ends = _mock_document_ends(rng, num_tokens)
+    tokens[ends - 1] = vocab_size - 1
+    return tokens
+
+
+def _mock_document_ends(rng: np.random.Generator, num_tokens: int) -> np.ndarray:
+    """Document end offsets up to ``num_tokens``, drawn in blocks so memory follows the document count."""
+    blocks, total = [], 0
+    while total < num_tokens:
+        block = total + np.cumsum(rng.integers(1, _MOCK_MAX_DOCUMENT_LENGTH, size=1024))
+        blocks.append(block)
+        total = int(block[-1])
+    ends = np.concatenate(blocks)
+    return ends[ends <= num_tokens]
+
+
+def _open_prefix(i: int, prefix: str, vocab_size: int) -> IndexedDataset:
+    """Open ``dataset.data_path[i]`` and check its tokens fit ``model.vocab_size``."""
+    try:
+        dataset = IndexedDataset(prefix)
+    except ConfigError as err:
+        raise ConfigError(f"dataset.data_path[{i}] ({prefix!r}): {err}") from None
+    if dataset.dtype.kind == "f":
+        raise ConfigError(f"dataset.data_path[{i}] ({prefix!r}): {dataset.idx_path} stores {dataset.dtype} "
+                          "values, not integer token ids")
+    info = np.iinfo(dataset.dtype)
+    if info.min < 0 or info.max >= vocab_size:  # the dtype alone does not guarantee a fit: look
+        low, high = _token_extremes(dataset.tokens[:_VOCAB_SCAN_TOKENS])
+        _check_token_range(low, high, vocab_size, f"dataset.data_path[{i}] ({prefix!r})")
+    return dataset
+
+
+def _token_extremes(tokens: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
+    if len(tokens) == 0:
+        return 0, 0
+    chunks = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]
+    return min(int(part.min()) for part in chunks), max(int(part.max()) for part in chunks)
+
+
+def _check_token_range(low: int, high: int, vocab_size: int, source: str) -> None:
+    if high >= vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab_size}) must be > the largest token id in the data "
+                          f"({high}, from {source})")
+    if low < 0:
+        raise ConfigError(f"{source}: holds a negative token id ({low}); the data is corrupted")

@@ -1,0 +1,71 @@
+"""scripts/preprocess_data.py, run as a real subprocess, writes what the tokenizer says, readable back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from anneal.data.indexed import IndexedDataset
+from anneal.data.tokenizer import ByteTokenizer, HFTokenizer
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "preprocess_data.py"
+DOCUMENTS = ["def f(x):\n    return x * 2\n", "Zoë paid 5 € — naïve crème brûlée ✓", "",
+             "the lazy dog\n" * 30]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+
+def _jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"id": i, "content": text}, ensure_ascii=i % 2 == 0)  # both escapings
+             for i, text in enumerate(DOCUMENTS)]
+    path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line is no document
+    return path
+
+
+def _expected(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [[*tokenizer.encode(text), tokenizer.eod] for text in texts if text]
+
+
+def test_text_files_become_one_document_each(tmp_path: Path) -> None:
+    files = []
+    for i, text in enumerate(DOCUMENTS[:2]):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text, encoding="utf-8")
+    result = _run("--input", *map(str, files), "--output-prefix", str(tmp_path / "out" / "text"))
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(tmp_path / "out" / "text")
+    assert dataset.dtype == np.uint16
+    assert [dataset.get(i).tolist() for i in range(len(dataset))] == _expected(ByteTokenizer(), DOCUMENTS[:2])
+
+
+def test_jsonl_with_byte_tokenizer_skips_empty_documents(tmp_path: Path) -> None:
+    result = _run("--input", str(_jsonl(tmp_path)), "--json-key", "content",
+                  "--output-prefix", str(tmp_path / "j"))
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(tmp_path / "j")
+    expected = _expected(ByteTokenizer(), DOCUMENTS)
+    assert len(dataset) == 3 and "1 empty skipped" in result.stdout
+    assert [dataset.get(i).tolist() for i in range(len(dataset))] == expected
+
+
+def test_jsonl_with_a_local_hf_tokenizer(tmp_path: Path, tokenizer_file: Path) -> None:
+    result = _run("--input", str(_jsonl(tmp_path)), "--json-key", "content",
+                  "--output-prefix", str(tmp_path / "h"), "--tokenizer-file", str(tokenizer_file))
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(tmp_path / "h")
+    expected = _expected(HFTokenizer(tokenizer_file), DOCUMENTS)
+    assert [dataset.get(i).tolist() for i in range(len(dataset))] == expected
+    assert expected != _expected(ByteTokenizer(), DOCUMENTS)  # the file's tokenizer was really used
+
+
+def test_missing_json_key_fails_naming_key_and_line(tmp_path: Path) -> None:
+    result = _run("--input", str(_jsonl(tmp_path)), "--output-prefix", str(tmp_path / "bad"))
+    assert result.returncode == 2
+    assert "--json-key ('text')" in result.stderr and "corpus.jsonl:1" in result.stderr
