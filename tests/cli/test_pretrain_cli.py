@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import run_cli
+from anneal_testing import run_cli
 
 
 def test_dry_run_prints_the_derived_wsd_boundaries() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CONF
+from anneal_testing import CONF
 
 GROUPS = sorted(p.parent.name + "=" + p.stem for p in CONF.glob("*/*.yaml"))
 # Options that need a value only the user has (a data path) get one here.
