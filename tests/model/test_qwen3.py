@@ -32,16 +32,16 @@ PUBLISHED_PARAMETERS = {
 
 def small_config(**overrides: object) -> ModelConfig:
     """A fast config whose head dim (24) differs from hidden_size // heads (16), as in Qwen3-0.6B."""
-    fields = dict(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=96,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=24,
-        vocab_size=101,
-        seq_length=16,
-    )
+    fields: dict[str, object] = {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "ffn_hidden_size": 96,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "kv_channels": 24,
+        "vocab_size": 101,
+        "seq_length": 16,
+    }
     fields.update(overrides)
     return ModelConfig(**fields)
 

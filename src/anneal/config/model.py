@@ -1,0 +1,103 @@
+"""``model.``: the Qwen3 decoder's shape, with Megatron-Bridge's field names, and its rules.
+
+Pure Python: importing this module does not import torch (the dry run composes configs in well
+under a second). The defaults are the ``tiny`` CPU model; every shipped ``conf/model/*.yaml``
+sets all fields explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anneal.errors import ConfigError
+
+_POSITIVE_INT_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "vocab_size",
+    "seq_length",
+)
+_OPTIONAL_POSITIVE_INT_FIELDS = ("num_query_groups", "kv_channels")
+_POSITIVE_FLOAT_FIELDS = ("rotary_base", "init_method_std", "layernorm_epsilon")
+_BOOL_FIELDS = ("share_embeddings_and_output_weights", "qk_layernorm")
+
+
+@dataclass
+class ModelConfig:
+    """A Qwen3 decoder: RMSNorm, GQA attention with RoPE and q/k RMSNorm, SwiGLU MLP, no biases."""
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int = 768
+    num_attention_heads: int = 4
+    num_query_groups: int | None = 2  # key/value heads; None means num_attention_heads (MHA)
+    kv_channels: int | None = 64  # head dim; None means hidden_size // num_attention_heads
+    vocab_size: int = 320
+    seq_length: int = 256  # tokens per sample
+    rotary_base: float = 1000000.0  # RoPE theta
+    share_embeddings_and_output_weights: bool = True  # tied input/output embeddings
+    qk_layernorm: bool = True  # per-head RMSNorm on queries and keys
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        """``kv_channels``, or ``hidden_size // num_attention_heads`` when it is None."""
+        if self.kv_channels is not None:
+            return self.kv_channels
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """``num_query_groups``, or ``num_attention_heads`` when it is None."""
+        if self.num_query_groups is not None:
+            return self.num_query_groups
+        return self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field that breaks a rule."""
+        self._check_types()
+        self._check_head_shapes()
+
+    def _check_types(self) -> None:
+        for name in _POSITIVE_INT_FIELDS:
+            _positive_int(f"model.{name}", getattr(self, name))
+        for name in _OPTIONAL_POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(f"model.{name}", value)
+        for name in _POSITIVE_FLOAT_FIELDS:
+            _positive_number(f"model.{name}", getattr(self, name))
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{name} ({value!r}) must be true or false")
+
+    def _check_head_shapes(self) -> None:
+        if self.num_attention_heads % self.num_kv_heads != 0:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads}) when model.kv_channels is null"
+            )
+        if self.head_dim % 2 != 0:
+            raise ConfigError(
+                f"model.kv_channels ({self.kv_channels}) must give an even head dim for RoPE, "
+                f"got {self.head_dim}"
+            )
+
+
+def _positive_int(path: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{path} ({value!r}) must be a positive integer")
+
+
+def _positive_number(path: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{path} ({value!r}) must be > 0")

@@ -1,0 +1,183 @@
+"""The Qwen3 decoder in plain PyTorch, numerically matching Hugging Face's ``Qwen3ForCausalLM``.
+
+Per layer: RMSNorm -> attention (q/k/v/o without bias, per-head RMSNorm on q and k, RoPE, causal
+grouped-query SDPA) -> residual; RMSNorm -> SwiGLU MLP -> residual. Then a final RMSNorm and the
+output layer, which reuses the embedding weight when the two are tied (there is then no
+``output_layer`` parameter, as in Megatron).
+
+Parameter names (``embedding.weight``, ``layers.0.self_attn.q_norm.weight``,
+``layers.0.input_layernorm.weight``, ``final_norm.weight``, ``output_layer.weight``) follow
+Hugging Face's within a layer, so checkpoints convert by renaming a few prefixes, and are easy to
+match with Megatron-style param-group rules: every norm ends in ``norm.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anneal.config.model import ModelConfig
+
+# Output projections of each residual branch get std / sqrt(2 * num_layers), as in Megatron.
+_SCALED_INIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled by a learned weight (initialised to 1)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)  # cast back before the weight, as Hugging Face does
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, base: float, *, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables ``[seq_len, head_dim]`` in Hugging Face's layout: frequencies repeated twice."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (Hugging Face's rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [batch, heads, seq, head_dim]`` by the position-wise angles in ``cos``/``sin``."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with optional per-head q/k RMSNorm and RoPE."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
+        has_qk_norm = cfg.qk_layernorm
+        self.q_norm = RMSNorm(self.head_dim, cfg.layernorm_epsilon) if has_qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.layernorm_epsilon) if has_qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, dim]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        context = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(context.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` without biases."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3Model(nn.Module):
+    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        tied = cfg.share_embeddings_and_output_weights
+        self.output_layer = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(input_ids)
+        cos, sin = rotary_cos_sin(
+            input_ids.shape[1], self.cfg.head_dim, self.cfg.rotary_base, device=x.device, dtype=x.dtype
+        )
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.final_norm(x)
+        output_weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
+        return F.linear(x, output_weight)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Megatron's init: N(0, std) weights, residual outputs N(0, std / sqrt(2 L)), norms 1."""
+        std = self.cfg.init_method_std
+        scaled_std = std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(_SCALED_INIT_SUFFIXES):
+                nn.init.normal_(param, mean=0.0, std=scaled_std)
+            else:
+                nn.init.normal_(param, mean=0.0, std=std)
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Qwen3Model:
+    """Build and initialise a Qwen3 model; on ``device="meta"`` nothing is allocated or initialised.
+
+    The modules are always created on the meta device first, then materialised once on
+    ``device`` (the default device when None) and initialised in place, so no memory is spent on
+    PyTorch's default init. ``dtype`` (default: torch's default dtype) applies to every parameter.
+    """
+    cfg.validate()
+    with torch.device("meta"):
+        model = Qwen3Model(cfg)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if target.type != "meta":
+        model.to_empty(device=target)
+        model.init_weights()
+    return model
