@@ -29,8 +29,22 @@ def main(argv: list[str] | None = None) -> None:
 
         print(report(cfg, derived), flush=True)
         return
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *argv, *_rank_overrides(argv)]
     _hydra_main()
+
+
+def _rank_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun: one run directory for all ranks (rank 0 picks it), and only rank 0 logs to it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        from anneal.training.distributed import agree_on_run_dir
+
+        extra.append(f"hydra.run.dir={agree_on_run_dir()}")
+    if int(os.environ.get("RANK", "0")) > 0:  # rank 0 owns the shared files
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return extra
 
 
 def fail(error: ConfigError) -> None:

@@ -1,0 +1,103 @@
+"""Process-group setup under torchrun (or none in a single process), and a clean exit.
+
+Two gloo pitfalls measured on these machines (shared/PLATFORM.md) shape this module:
+restarted workers must not read the previous attempt's addresses from the shared store, so the
+store is prefixed by the restart count; and a worker can crash at interpreter exit after a
+collective, so ``shutdown`` destroys the group, flushes and leaves with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from anneal.config.runtime import DistributedConfig
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return dist.group.WORLD if self.backend else None
+
+
+def resolve_device(cfg: DistributedConfig, local_rank: int) -> torch.device:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _job_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, prefixed by the restart attempt so a restart never reads stale keys."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"anneal_attempt_{attempt}/", store)
+
+
+def agree_on_run_dir(timeout_s: float = 300) -> str:
+    """Rank 0's timestamped run directory, shared with every rank through torchrun's store."""
+    store = _job_store(datetime.timedelta(seconds=timeout_s))
+    if int(os.environ.get("RANK", "0")) == 0:
+        store.set("run_dir", datetime.datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S"))
+    return store.get("run_dir").decode()
+
+
+def init_distributed(cfg: DistributedConfig) -> DistContext:
+    """Join the torchrun job described by the environment; a lone process gets no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg, local_rank)
+    if world_size == 1:
+        return DistContext(0, 1, 0, device, None)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+    store = _job_store(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    return DistContext(rank, world_size, local_rank, device, backend)
+
+
+def shutdown(ctx: DistContext, exit_code: int = 0) -> None:
+    """Leave the job without the crash-at-exit of pytorch#190489 (a no-op for a single process)."""
+    if ctx.backend is None:
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.backend is not None:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= ctx.world_size
+    return value
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True when ``flag`` is true on any rank (every rank gets the same answer)."""
+    if ctx.backend is None:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,190 @@
+"""The training loop: microbatches, one optimizer step, ``scheduler.step(global_batch_size)``.
+
+Steps count consumed samples, as in Megatron: an iteration adds its global batch size to the
+scheduler, and an iteration skipped for inf/NaN gradients (fp16) adds nothing to the scheduler,
+while the data position moves on (Megatron does the same). The loop does no host sync except on
+logging steps, where the metrics are read.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from anneal.config.batch import BatchRamp
+from anneal.config.container import check_world
+from anneal.config.training import TrainingConfig
+from anneal.data.loader import get_microbatch
+from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
+from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in checkpoints so a resumed run continues at the exact sample."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iters: int = 0
+
+
+class Checkpointer(Protocol):
+    def maybe_save(self, state: TrainState, *, force: bool = False) -> None: ...
+
+
+@dataclass
+class LoopParts:
+    """What the loop drives, all built before it starts."""
+
+    model: torch.nn.Module
+    optimizer: Any  # anneal.optim AnnealOptimizer: scale_loss, zero_grad, step() -> StepResult
+    scheduler: Any  # OptimizerParamScheduler
+    train_data: Any  # anneal.data TokenWindows
+    valid_data: Any
+    ramp: BatchRamp
+    checkpointer: Checkpointer | None = None
+    throughput: Throughput | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainingConfig, parts: LoopParts, ctx: DistContext, metrics: MetricsLogger, *,
+                 train_iters: int, log_interval: int, state: TrainState | None = None) -> None:
+        self.cfg = cfg
+        self.p = parts
+        self.ctx = ctx
+        self.metrics = metrics
+        self.train_iters = train_iters
+        self.log_interval = log_interval
+        self.state = state or TrainState()
+        self.stop_requested = False
+        self.applied: list[dict[str, float]] = []  # lr/wd applied at each logged iteration, for the plot
+
+    def train(self) -> TrainState:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if self.p.checkpointer is not None:
+            self.p.checkpointer.maybe_save(self.state, force=True)
+        return self.state
+
+    def _loop(self) -> None:
+        s = self.state
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        iters_in_window = 0
+        while s.iteration < self.train_iters:
+            lr, wd = self._applied_lr_wd()
+            loss, result = self.train_step()
+            s.iteration += 1
+            loss_sum += loss
+            iters_in_window += 1
+            if self.p.checkpointer is not None:
+                self.p.checkpointer.maybe_save(s)
+            if s.iteration % self.log_interval == 0 or s.iteration == self.train_iters:
+                self._log(loss_sum / iters_in_window, result, lr, wd)
+                loss_sum.zero_()
+                iters_in_window = 0
+            if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
+                self._log_eval()
+            if self._should_exit():
+                break
+
+    def train_step(self) -> tuple[torch.Tensor, Any]:
+        """One iteration: gradient accumulation over microbatches, then the optimizer and scheduler."""
+        s, p, ctx = self.state, self.p, self.ctx
+        batch = p.ramp.batch_size_at(s.consumed_samples)
+        num_micro = check_world(_with_batch(self.cfg, batch), ctx.world_size)
+        p.model.train()
+        p.optimizer.zero_grad()
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(num_micro):
+            tokens = get_microbatch(p.train_data, consumed_samples=s.consumed_samples, microbatch=micro,
+                                    micro_batch_size=self.cfg.micro_batch_size, dp_rank=ctx.rank,
+                                    dp_size=ctx.world_size).to(ctx.device, non_blocking=True)
+            loss = _lm_loss(p.model, tokens)
+            p.optimizer.scale_loss(loss / num_micro).backward()
+            loss_sum += loss.detach()
+        result = p.optimizer.step()
+        if not result.skipped:
+            p.scheduler.step(increment=batch)  # steps are samples
+        else:
+            s.skipped_iters += 1
+        s.consumed_samples += batch
+        if p.throughput is not None:
+            p.throughput.add(batch * self.p.train_data.seq_length)
+        return loss_sum / num_micro, result
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_iters`` global batches of the validation split (the same ones each time)."""
+        p, ctx, cfg = self.p, self.ctx, self.cfg
+        p.model.eval()
+        total = torch.zeros((), device=ctx.device)
+        num_micro = check_world(cfg, ctx.world_size)
+        for it in range(cfg.eval_iters):
+            for micro in range(num_micro):
+                tokens = get_microbatch(p.valid_data, consumed_samples=it * cfg.global_batch_size, microbatch=micro,
+                                        micro_batch_size=cfg.micro_batch_size, dp_rank=ctx.rank,
+                                        dp_size=ctx.world_size).to(ctx.device)
+                total += _lm_loss(p.model, tokens)
+        return all_reduce_mean(total / (cfg.eval_iters * num_micro), ctx).item()
+
+    def _applied_lr_wd(self) -> tuple[float, float]:
+        """The lr and wd this iteration's update will use (what the scheduler last wrote)."""
+        group = self.p.optimizer.param_groups[0]
+        lr = group["lr"]
+        return (float(lr) if not torch.is_tensor(lr) else lr.item()), self.p.scheduler.get_wd()
+
+    def _log(self, mean_loss: torch.Tensor, result: Any, lr: float, wd: float) -> None:
+        s = self.state
+        record = {"iteration": s.iteration, "consumed_samples": s.consumed_samples,
+                  "loss": all_reduce_mean(mean_loss, self.ctx).item(), "lr": lr, "weight_decay": wd,
+                  "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
+                  "skipped_iters": s.skipped_iters, "scheduler_num_steps": self.p.scheduler.num_steps}
+        record.update(_group_lrs(self.p.optimizer.param_groups))
+        if self.p.throughput is not None:
+            record.update(self.p.throughput.read())
+        record["peak_mem_mb"] = peak_memory_mb(self.ctx.device)
+        self.applied.append({"iteration": s.iteration, "lr": lr, "weight_decay": wd})
+        self.metrics.log(record)
+
+    def _log_eval(self) -> None:
+        self.metrics.log({"iteration": self.state.iteration, "valid_loss": self.evaluate()})
+
+    def _should_exit(self) -> bool:
+        interval = self.cfg.exit_interval
+        by_interval = bool(interval) and self.state.iteration % interval == 0
+        if any_rank(self.stop_requested, self.ctx):
+            self.metrics.info(f"SIGTERM: stopping cleanly after iteration {self.state.iteration}")
+            return True
+        return by_interval
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+
+def _lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _with_batch(cfg: TrainingConfig, batch: int) -> TrainingConfig:
+    if batch == cfg.global_batch_size:
+        return cfg
+    return TrainingConfig(train_iters=1, global_batch_size=batch, micro_batch_size=cfg.micro_batch_size)
+
+
+def _group_lrs(groups: list[dict]) -> dict[str, float]:
+    """Each distinct group lr beyond the first (decoupled embeddings, layer-wise multipliers)."""
+    seen: dict[str, float] = {}
+    first = groups[0]["lr"]
+    for i, g in enumerate(groups[1:], start=1):
+        lr = float(g["lr"]) if not torch.is_tensor(g["lr"]) else g["lr"].item()
+        if lr != first and lr not in seen.values():
+            seen[f"lr_group{i}"] = lr
+    return seen
