@@ -110,6 +110,9 @@ class Throughput:
         self.tokens = 0
         self.start = time.perf_counter()
 
+    def reset(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+from anneal.checkpoint import files
+from anneal.checkpoint.checkpointer import Checkpointer
+from anneal.checkpoint.files import SaveDirLock
+from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer, check_world
 from anneal.config.derive import Derived
 from anneal.data.datasets import build_datasets
@@ -35,6 +39,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> None:
     check_world(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))  # before any group or model exists
     train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
                                             vocab_size=cfg.model.vocab_size)
+    lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
     ctx = init_distributed(cfg.dist)
     try:
         torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
@@ -47,10 +52,13 @@ def run(cfg: ConfigContainer, derived: Derived) -> None:
         throughput = Throughput(flops_per_token=flops_per_token(cfg.model), world_size=ctx.world_size,
                                 peak=peak_flops(ctx.device, half))
         metrics.info(_banner(cfg, derived, ctx, optimizer, out))
+        checkpointer = Checkpointer(cfg.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    ctx=ctx, config_yaml=to_yaml(cfg), report=metrics.info)
+        state = checkpointer.load()
         parts = LoopParts(model, optimizer, scheduler, train_data, valid_data, derived.ramp,
-                          throughput=throughput)
+                          checkpointer=checkpointer, throughput=throughput)
         trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
-                          log_interval=cfg.logger.log_interval)
+                          log_interval=cfg.logger.log_interval, state=state)
         trainer.train()
         if ctx.is_main and cfg.logger.plot_schedule:
             from anneal.plot import plot_run
@@ -61,7 +69,17 @@ def run(cfg: ConfigContainer, derived: Derived) -> None:
         metrics.info(f"done: {trainer.state.iteration} iterations, metrics in {metrics.path}")
         metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(ctx)
+
+
+def _lock_save_dir(cfg: ConfigContainer) -> SaveDirLock | None:
+    if not cfg.checkpoint.save or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = SaveDirLock(Path(cfg.checkpoint.save))
+    files.remove_partials(Path(cfg.checkpoint.save))  # left by a save that crashed; never marked latest
+    return lock
 
 
 def _banner(cfg: ConfigContainer, derived: Derived, ctx, optimizer, out: Path) -> str:

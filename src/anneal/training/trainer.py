@@ -19,6 +19,7 @@ from anneal.config.batch import BatchRamp
 from anneal.config.container import check_world
 from anneal.config.training import TrainingConfig
 from anneal.data.loader import get_microbatch
+from anneal.faults import fault_iteration, kill_self
 from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb
 
@@ -62,6 +63,7 @@ class Trainer:
         self.state = state or TrainState()
         self.stop_requested = False
         self.applied: list[dict[str, float]] = []  # lr/wd applied at each logged iteration, for the plot
+        self._kill_at = fault_iteration("kill_at_iteration", ctx.rank)
 
     def train(self) -> TrainState:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -75,9 +77,13 @@ class Trainer:
 
     def _loop(self) -> None:
         s = self.state
+        if self.p.throughput is not None:
+            self.p.throughput.reset()  # time spent building and loading is not training throughput
         loss_sum = torch.zeros((), device=self.ctx.device)
         iters_in_window = 0
         while s.iteration < self.train_iters:
+            if self._kill_at == s.iteration + 1:
+                kill_self()  # test hook: SIGKILL as this iteration starts
             lr, wd = self._applied_lr_wd()
             loss, result = self.train_step()
             s.iteration += 1

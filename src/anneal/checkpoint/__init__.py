@@ -1,0 +1,1 @@
+"""Checkpoints: torch.distributed.checkpoint for tensors, JSON for everything else, atomic and locked."""

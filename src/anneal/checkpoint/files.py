@@ -1,0 +1,137 @@
+"""The save directory on disk: names, the tracker, the manifest, the lock.
+
+``<save>/iter_0000010/`` holds one checkpoint: DCP's files for tensors, ``state.json`` for the
+rest (iteration, consumed samples, scheduler, the resolved config) and ``manifest.json`` (size
+and CRC32 of every file), written last. A checkpoint is written under ``.iter_0000010.partial``
+and renamed when complete; only then does ``latest_checkpointed_iteration.txt`` (Megatron's name)
+move to it, by an atomic replace. A crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+from anneal.errors import ConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+STATE = "state.json"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_dir(save: Path, iteration: int) -> Path:
+    return save / f"iter_{iteration:07d}"
+
+
+def partial_dir(save: Path, iteration: int) -> Path:
+    return save / f".iter_{iteration:07d}.partial"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+    write_atomic(directory / MANIFEST, json.dumps({"format": "anneal-checkpoint-1", "files": entries}, indent=1))
+
+
+def verify(directory: Path) -> dict:
+    """Check every file against the manifest; return ``state.json``. ConfigError names the bad file."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError(f"{directory}: not an anneal checkpoint (no {MANIFEST}; incomplete or foreign)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{manifest_path}: unreadable manifest ({error})") from error
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing from the checkpoint")
+        if path.stat().st_size != entry["bytes"]:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if _crc32(path) != entry["crc32"]:
+            raise ConfigError(f"{path}: contents differ from the manifest's checksum (corrupted or tampered)")
+    try:
+        return json.loads((directory / STATE).read_text())
+    except ValueError as error:
+        raise ConfigError(f"{directory / STATE}: not valid JSON ({error})") from error
+
+
+def latest(save: Path) -> Path | None:
+    """The checkpoint the tracker points to, or None when there is none."""
+    tracker = save / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{tracker}: holds {text!r}, not an iteration number")
+    return iter_dir(save, int(text))
+
+
+def resolve_load(path: Path) -> Path | None:
+    """``checkpoint.load`` may name a save directory (its latest) or one ``iter_*`` directory."""
+    if _ITER_DIR.match(path.name):
+        return path
+    return latest(path)
+
+
+def completed(save: Path) -> list[Path]:
+    dirs = [p for p in save.iterdir() if p.is_dir() and _ITER_DIR.match(p.name)] if save.is_dir() else []
+    return sorted(dirs, key=lambda p: int(_ITER_DIR.match(p.name).group(1)))
+
+
+def prune(save: Path, keep: int, current: Path) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (never ``current``)."""
+    for old in completed(save)[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partials(save: Path) -> None:
+    for p in save.glob(".iter_*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class SaveDirLock:
+    """An exclusive lock on a save directory for the life of the run (released when the process dies)."""
+
+    def __init__(self, save: Path) -> None:
+        save.mkdir(parents=True, exist_ok=True)
+        self.path = save / ".lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise ConfigError(f"checkpoint.save ({save}) is in use by another run (pid {holder}); "
+                              "give this run its own directory") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)

@@ -1,0 +1,94 @@
+"""The real entry point as a subprocess: one process, torchrun with 2 gloo ranks, two torchrun "nodes"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anneal_testing import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["model.num_layers=2", "model.seq_length=64", "train.train_iters=12", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "scheduler.lr_warmup_iters=3", "logger.log_interval=1",
+         "train.eval_interval=6", "train.eval_iters=1", "logger.plot_schedule=true"]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], cwd: Path, *, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _planned_lr(overrides: list[str], iterations: list[int]) -> list[float]:
+    from anneal.config.compose import load
+    from anneal.plot import planned
+
+    cfg = load(overrides)
+    derived = cfg.validate()
+    return planned(derived.schedule, derived.ramp, iterations)[0]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("single")
+    result = run_cli(*SMALL, f"hydra.run.dir={out}", cwd=out, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "schedule.png").stat().st_size > 10_000
+    assert any((out / "tensorboard").iterdir())
+    return _records(out)
+
+
+def test_logged_lr_is_the_planned_lr_at_every_iteration(single_run: list[dict]) -> None:
+    iterations = [r["iteration"] for r in single_run]
+    assert iterations == list(range(1, 13))
+    assert [r["lr"] for r in single_run] == _planned_lr(SMALL, iterations)
+    assert [r["scheduler_num_steps"] for r in single_run] == [8 * i for i in iterations]  # samples
+
+
+def test_loss_falls(single_run: list[dict]) -> None:
+    assert single_run[-1]["loss"] < single_run[0]["loss"] - 0.5
+
+
+def test_two_gloo_ranks_match_one_process(single_run: list[dict], tmp_path: Path) -> None:
+    args = ["--nproc-per-node", "2", "--master-port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"),
+            *SMALL, "optimizer=distributed_fused_adam", f"hydra.run.dir={tmp_path}"]
+    result = _torchrun(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = _records(tmp_path)
+    assert [r["lr"] for r in two] == [r["lr"] for r in single_run]
+    for one, other in zip(single_run, two):
+        assert other["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
+def test_two_nodes_on_loopback_complete(tmp_path: Path) -> None:
+    port = _free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "anneal-two-nodes",
+              str(ROOT / "scripts" / "pretrain.py"), *SMALL, "train.train_iters=4", "train.eval_interval=null",
+              "scheduler.lr_warmup_iters=1", f"hydra.run.dir={tmp_path}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *common]
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert "2 rank(s)" in "".join(outputs)
+    assert [r["iteration"] for r in _records(tmp_path)] == [1, 2, 3, 4]
