@@ -102,6 +102,7 @@ class Checkpointer:
             kill_self()  # test hook: die with the checkpoint half written
         if main:
             meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
+                    "param_group_bounds": _group_bounds(self.optimizer.param_groups),
                     "world_size": self.ctx.world_size}
             (part / files.STATE).write_text(json.dumps(meta, indent=1))
             (part / "config.yaml").write_text(self.config_yaml)
@@ -157,15 +158,37 @@ class Checkpointer:
             self.optimizer.load_state_dict(merge(target["optimizer"], meta["plain"].get("optimizer")))
         if load_rng:
             self._restore_rng(target["rng"][rng_key])
-        # The optimizer's param groups keep the bounds built from this run's config (max_lr, min_lr,
-        # wd_mult): nothing restored above overrides the scheduler's decision, made here.
+        # The restored optimizer state carries no param-group bounds; they follow the scheduler's own
+        # rule below, so nothing overrides the scheduler's decision (Megatron's override bug).
         table = self.scheduler.load_state_dict(meta["scheduler"]).table()
+        self._settle_group_bounds(meta.get("param_group_bounds"), path)
+        self.scheduler.step(0)  # rewrite lr/wd with the settled bounds and the loaded wd settings
         state = TrainState(**meta["train"])
         self.report(f"resumed from {path} at iteration {state.iteration} ({state.consumed_samples} samples)"
                     f"{'' if self.cfg.load_optim else '; optimizer state not loaded'}"
                     f"{'' if load_rng else '; RNG state not loaded'}\n{table}")
         self._last_saved = state.iteration
         return state
+
+    def _settle_group_bounds(self, saved: list[dict] | None, path: Path) -> None:
+        """Per-group max_lr/min_lr follow the scheduler's mode, like the scheduler's own values.
+
+        Megatron keeps whatever the param groups carry, so its override (or use-checkpoint) flag is
+        silently ignored for them: the group bounds, not the scheduler's, decide the lr.
+        """
+        current = _group_bounds(self.optimizer.param_groups)
+        if saved is None or saved == current or self.scheduler.mode == "override":
+            return
+        if len(saved) != len(current):
+            raise ConfigError(f"{path}: has {len(saved)} param groups, this run {len(current)}")
+        if self.scheduler.mode == "strict":
+            diffs = [f"group {i}: config {c} vs checkpoint {s}" for i, (c, s) in enumerate(zip(current, saved))
+                     if c != s]
+            raise ConfigError(f"param-group lr bounds differ from the checkpoint's ({'; '.join(diffs)}). Set "
+                              "scheduler.use_checkpoint_opt_param_scheduler=true or "
+                              "scheduler.override_opt_param_scheduler=true")
+        for group, bounds in zip(self.optimizer.param_groups, saved):
+            group.update(bounds)
 
     def _verified(self, path: Path) -> dict:
         error = ""
@@ -206,6 +229,10 @@ class Checkpointer:
         box = [text]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _group_bounds(groups: list[dict]) -> list[dict[str, float]]:
+    return [{k: float(g[k]) for k in ("max_lr", "min_lr") if k in g} for g in groups]
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:

@@ -200,6 +200,11 @@ class OptimizerParamScheduler:
         logger.info("%s", report.table())
         return report
 
+    @property
+    def mode(self) -> str:
+        """How load_state_dict settles config vs checkpoint: "override", "use-checkpoint" or "strict"."""
+        return self._mode()
+
     def _mode(self) -> str:
         if self.override_opt_param_scheduler:
             return "override"
