@@ -1,19 +1,57 @@
-"""Schedule plots: the planned lr and wd over a run, phases shaded, applied values drawn over them.
+"""Schedule plots and tables: the planned lr and wd over a run, phases shaded and labelled.
 
-The curves come from ``anneal.scheduler``'s pure functions, the ones the parity test checks.
+The values come from ``anneal.scheduler``'s pure ``lr_at`` / ``wd_at``, the functions the training
+loop applies (and the parity tests check), evaluated at the scheduler's own argument: the samples
+consumed before each iteration. Long runs are sampled, not vectorised: evenly spaced iterations plus
+the ones on both sides of every phase boundary, so each kink is drawn exactly where it is.
 matplotlib is imported when a plot is drawn, never at import.
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from anneal.config.batch import BatchRamp
 from anneal.scheduler.schedule import Schedule, lr_at, phases, wd_at
 
+DEFAULT_POINTS = 2000
+PHASE_COLORS = {"warmup": "#fde0c5", "stable": "#d8ecd4", "constant": "#d8ecd4", "anneal": "#d6e2f5",
+                "decay": "#d6e2f5", "min lr": "#e4e4e4"}
 
-def planned(schedule: Schedule, ramp: BatchRamp, iterations: Sequence[int]) -> tuple[list[float], list[float]]:
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of the schedule: steps (samples) in ``(start_samples, end_samples]``."""
+
+    name: str
+    start_samples: float
+    end_samples: float
+    start_iteration: int  # iterations completed when the phase starts and ends (as the dry run counts)
+    end_iteration: int
+
+
+@dataclass(frozen=True)
+class Curve:
+    """The planned lr and wd of one configuration at a set of iterations."""
+
+    label: str
+    iterations: list[int]
+    samples: list[float]  # consumed before each iteration: the scheduler's num_steps during it
+    lr: list[float]
+    wd: list[float]
+    phases: tuple[Phase, ...]
+    seq_length: int | None = None
+
+    def phase_at(self, steps: float) -> str:
+        """The phase whose branch of ``lr_at`` gives the lr after ``steps``."""
+        return next((p.name for p in self.phases if steps <= p.end_samples), self.phases[-1].name)
+
+
+def planned(schedule: Schedule, ramp: BatchRamp,
+            iterations: Sequence[int]) -> tuple[list[float], list[float]]:
     """lr and wd applied during each iteration k (the scheduler's value after k - 1 iterations)."""
     lrs, wds = [], []
     for k in iterations:
@@ -23,25 +61,110 @@ def planned(schedule: Schedule, ramp: BatchRamp, iterations: Sequence[int]) -> t
     return lrs, wds
 
 
+def phase_spans(schedule: Schedule, ramp: BatchRamp, train_iters: int) -> tuple[Phase, ...]:
+    """The phases of ``schedule`` in a run of ``train_iters`` iterations, in order, empty ones left out."""
+    p = phases(schedule)
+    if schedule.lr_decay_style == "constant":
+        ends = [("warmup", p.warmup_end), ("constant", float("inf"))]
+    else:
+        decay = "anneal" if schedule.lr_decay_style == "WSD" else "decay"
+        ends = [("warmup", p.warmup_end), ("stable", p.anneal_start), (decay, p.decay_end),
+                ("min lr", float("inf"))]
+    run_end = ramp.samples_after(train_iters)
+    spans, start = [], 0.0
+    for name, end in ends:
+        end = min(end, run_end)
+        if end > start:
+            spans.append(Phase(name, start, end, ramp.iterations_for(start), ramp.iterations_for(end)))
+            start = end
+    return tuple(spans)
+
+
+def sample_iterations(train_iters: int, spans: Sequence[Phase], points: int = DEFAULT_POINTS) -> list[int]:
+    """Every iteration when ``points`` is 0 or covers the run, else ``points`` evenly spaced ones
+    plus the iterations around each phase boundary."""
+    if points <= 0 or train_iters <= points:
+        return list(range(1, train_iters + 1))
+    even = {1 + round(i * (train_iters - 1) / (points - 1)) for i in range(points)}
+    ends = {k for span in spans for k in (span.start_iteration, span.end_iteration)}
+    edges = {k + d for k in ends for d in (-1, 0, 1, 2)}  # the lr after k iterations is applied in k + 1
+    return sorted(even | {k for k in edges if 1 <= k <= train_iters})
+
+
+def curve(schedule: Schedule, ramp: BatchRamp, train_iters: int, *, label: str = "",
+          seq_length: int | None = None, points: int = DEFAULT_POINTS) -> Curve:
+    spans = phase_spans(schedule, ramp, train_iters)
+    iterations = sample_iterations(train_iters, spans, points)
+    lrs, wds = planned(schedule, ramp, iterations)
+    samples = [ramp.samples_after(k - 1) for k in iterations]
+    return Curve(label, iterations, samples, lrs, wds, spans, seq_length)
+
+
+def write_csv(curves: Sequence[Curve], path: Path) -> Path:
+    """One row per plotted point: config, iteration, consumed samples and tokens before it, lr, wd, phase."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["config", "iteration", "consumed_samples", "consumed_tokens", "lr", "weight_decay",
+                         "phase"])
+        for c in curves:
+            for k, steps, lr, wd in zip(c.iterations, c.samples, c.lr, c.wd):
+                tokens = "" if c.seq_length is None else steps * c.seq_length
+                writer.writerow([c.label, k, steps, tokens, repr(lr), repr(wd), c.phase_at(steps)])
+    return path
+
+
+def plot_schedules(curves: Sequence[Curve], path: Path, title: str = "") -> Path:
+    """PNG: lr (top) and wd (bottom) against iterations (left) and consumed samples (right).
+
+    The first curve's phases are shaded and listed in the legend below; the other curves' phase
+    boundaries are dashed lines in their colour.
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import EngFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex="col", sharey="row", height_ratios=[3, 1])
+    reference = curves[0]
+    for col, unit in enumerate(("iteration", "samples")):
+        for row, values in enumerate(("lr", "wd")):
+            ax = axes[row][col]
+            _shade(ax, reference.phases, unit, labels=row == 0)
+            for i, c in enumerate(curves):
+                ax.plot(c.iterations if unit == "iteration" else c.samples, getattr(c, values), color=f"C{i}",
+                        lw=1.6, label=c.label or None)
+                if i and row == 0:
+                    _boundaries(ax, c.phases, unit, color=f"C{i}")
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.grid(alpha=0.3, lw=0.5)
+        axes[1][col].set_xlabel("iteration" if unit == "iteration" else "consumed samples")
+    _tokens_axis(axes[0][1], curves)
+    axes[0][0].set_ylabel("learning rate")
+    axes[1][0].set_ylabel("weight decay")
+    axes[0][0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if len(curves) > 1:
+        axes[0][1].legend(loc="best", fontsize=8)
+    shaded = f"shaded: the phases of {reference.label}" if len(curves) > 1 else None
+    _phase_legend(fig, reference.phases, shaded)
+    fig.suptitle(title or "planned learning rate and weight decay")
+    # fixed margins: tight_layout would draw the figure once more (half the time of a 300k-iteration plot)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.17, hspace=0.08, wspace=0.05)
+    return _save(fig, path)
+
+
 def plot_run(schedule: Schedule, ramp: BatchRamp, train_iters: int, path: Path,
              applied: Sequence[dict] = (), title: str = "") -> Path:
     """PNG of the planned schedule over ``train_iters`` iterations, with ``applied`` points drawn over it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    step = max(1, train_iters // 2000)
-    iterations = list(range(1, train_iters + 1, step)) + [train_iters]
-    lrs, wds = planned(schedule, ramp, iterations)
+    plt = _pyplot()
+    c = curve(schedule, ramp, train_iters)
     fig, (ax_lr, ax_wd) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
-    _shade_phases(ax_lr, schedule, ramp)
-    ax_lr.plot(iterations, lrs, label="planned lr", color="C0")
-    ax_wd.plot(iterations, wds, label="planned weight decay", color="C1")
+    _shade(ax_lr, c.phases, "iteration", labels=True)
+    ax_lr.plot(c.iterations, c.lr, label="planned lr", color="C0")
+    ax_wd.plot(c.iterations, c.wd, label="planned weight decay", color="C1")
     if applied:
         its = [a["iteration"] for a in applied]
         ax_lr.scatter(its, [a["lr"] for a in applied], s=12, color="C3", label="applied lr", zorder=3)
-        ax_wd.scatter(its, [a["weight_decay"] for a in applied], s=12, color="C3", label="applied wd", zorder=3)
+        ax_wd.scatter(its, [a["weight_decay"] for a in applied], s=12, color="C3", label="applied wd",
+                      zorder=3)
     ax_lr.set_ylabel("learning rate")
     ax_wd.set_ylabel("weight decay")
     ax_wd.set_xlabel("iteration")
@@ -49,17 +172,71 @@ def plot_run(schedule: Schedule, ramp: BatchRamp, train_iters: int, path: Path,
     ax_lr.legend(loc="upper right")
     ax_wd.legend(loc="lower right")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _shade_phases(ax, schedule: Schedule, ramp: BatchRamp) -> None:
-    p = phases(schedule)
-    warm, anneal, end = (ramp.iterations_for(x) for x in (p.warmup_end, p.anneal_start, p.decay_end))
-    spans = [("warmup", 0, warm, "#fde0c5"), ("stable", warm, anneal, "#d8ecd4"), ("decay", anneal, end, "#d6e2f5")]
-    for label, lo, hi, color in spans:
-        if hi > lo:
-            ax.axvspan(lo, hi, color=color, alpha=0.6, lw=0)
-            ax.text((lo + hi) / 2, 0.02, label, transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
+def _span(phase: Phase, unit: str) -> tuple[float, float]:
+    if unit == "iteration":
+        return phase.start_iteration, phase.end_iteration
+    return phase.start_samples, phase.end_samples
+
+
+def _shade(ax, spans: Sequence[Phase], unit: str, labels: bool) -> None:
+    total = _span(spans[-1], unit)[1] or 1
+    for phase in spans:
+        lo, hi = _span(phase, unit)
+        ax.axvspan(lo, hi, color=PHASE_COLORS[phase.name], alpha=0.7, lw=0)
+        if not labels:
+            continue
+        if (hi - lo) / total > 0.08:
+            ax.text((lo + hi) / 2, 0.03, phase.name, transform=ax.get_xaxis_transform(), ha="center",
+                    fontsize=9)
+        elif phase is not spans[-1]:  # too narrow to hold its name: mark where it ends
+            ax.text(hi, 0.97, f" {phase.name} ends", transform=ax.get_xaxis_transform(), rotation=90,
+                    va="top", ha="left", fontsize=8, color="0.35")
+
+
+def _boundaries(ax, spans: Sequence[Phase], unit: str, color: str) -> None:
+    for phase in spans[1:]:
+        ax.axvline(_span(phase, unit)[0], color=color, ls="--", lw=0.9, alpha=0.8)
+
+
+def _tokens_axis(ax, curves: Sequence[Curve]) -> None:
+    """Consumed tokens along the top of the samples panel, when every curve has the same sequence length."""
+    lengths = {c.seq_length for c in curves}
+    if len(lengths) != 1 or None in lengths:
+        return
+    from matplotlib.ticker import EngFormatter
+
+    seq = lengths.pop()
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * seq, lambda t: t / seq))
+    top.set_xlabel(f"consumed tokens ({seq} per sample)")
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _phase_legend(fig, spans: Sequence[Phase], title: str | None) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=PHASE_COLORS[p.name], label=f"{p.name}: iterations {p.start_iteration:,}–"
+                     f"{p.end_iteration:,}, samples {p.start_samples:,.0f}–{p.end_samples:,.0f}")
+               for p in spans]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=8, frameon=False,
+               title=title, title_fontsize=8)

@@ -1,10 +1,18 @@
-"""What ``dry_run=true`` prints: the resolved config and the derived schedule, nothing started."""
+"""What ``dry_run=true`` prints: the resolved config, the derived schedule and the resource plan.
+
+Nothing is started or allocated: the model is built on the meta device for its parameter count.
+The per-rank memory table covers data-parallel sizes 1, 8 and 64, or ``WORLD_SIZE`` when it is set.
+"""
 
 from __future__ import annotations
+
+import os
 
 from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
+
+DEFAULT_DATA_PARALLEL_SIZES = (1, 8, 64)
 
 
 def human(n: float) -> str:
@@ -28,9 +36,25 @@ def schedule_table(cfg: ConfigContainer, derived: Derived) -> str:
         f"{'phase boundary':<28}{'iteration':>12}{'samples':>16}{'tokens':>12}",
     ]
     for name, samples, iteration, tokens in derived.phase_rows(seq):
-        lines.append(f"{name:<28}{iteration:>12}{samples:>16g}{human(tokens):>12}")
+        lines.append(f"{name:<28}{iteration:>12}{_exact(samples):>16}{human(tokens):>12}")
     return "\n".join(lines)
 
 
+def _exact(samples: float) -> str:
+    """Samples as an integer when whole (7680000, not 7.68e+06); a warmup fraction may not be."""
+    return str(int(samples)) if float(samples).is_integer() else f"{samples:.6g}"
+
+
+
+def data_parallel_sizes() -> tuple[int, ...]:
+    """``WORLD_SIZE`` when set (as under torchrun), else 1, 8 and 64."""
+    world = os.environ.get("WORLD_SIZE", "")
+    return (int(world),) if world.isdigit() and int(world) > 0 else DEFAULT_DATA_PARALLEL_SIZES
+
+
 def report(cfg: ConfigContainer, derived: Derived) -> str:
-    return "\n".join(["# resolved config", to_yaml(cfg), "# derived", schedule_table(cfg, derived)])
+    from anneal.planner import plan, plan_table
+
+    resources = plan_table(plan(cfg, derived.train_samples, data_parallel_sizes()), cfg)
+    return "\n".join(["# resolved config", to_yaml(cfg), "# derived", schedule_table(cfg, derived),
+                      "# plan", resources])

@@ -128,7 +128,10 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # An explicit weight skips nn.Embedding's default normal_ init, which on the meta device
+        # imports torch._dynamo (about 2 s); init_weights() initialises it on the real device.
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                      _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         tied = cfg.share_embeddings_and_output_weights

@@ -1,0 +1,109 @@
+"""``anneal-plot-schedule`` / ``scripts/plot_schedule.py``: preview lr and weight decay before training.
+
+The config is composed and validated as the launcher does (same overrides, same one-line errors),
+then the scheduler's own ``lr_at`` / ``wd_at`` are drawn against iterations and consumed samples, the
+phases shaded, to a PNG and a CSV of the same points:
+
+    anneal-plot-schedule recipe=qwen3_4b                                  # schedule.png, schedule.csv
+    anneal-plot-schedule recipe=qwen3_4b --compare scheduler=cosine       # a second curve on top
+    anneal-plot-schedule -m recipe=qwen3_4b scheduler.lr_wsd_decay_style=minus_sqrt,linear,exponential
+    anneal-plot-schedule recipe=tiny --out plots/tiny.png --points 0      # every iteration in the CSV
+
+``--compare "A B"`` adds a curve composed from the base overrides plus ``A B``; ``-m`` expands Hydra
+sweeps (``a,b``, ``range(...)``) into one curve per combination, drawn on the same plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+from pathlib import Path
+
+from anneal.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    from anneal.cli.pretrain import fail
+
+    try:
+        runs = expand(args.overrides, args.compare, multirun=args.multirun)
+        curves = [load_curve(label, overrides, args.points) for label, overrides in runs]
+    except ConfigError as error:
+        fail(error)
+    from anneal.plot import plot_schedules, write_csv
+
+    png = plot_schedules(curves, Path(args.out), title=args.title or _title(runs))
+    table = write_csv(curves, png.with_suffix(".csv"))
+    print(f"wrote {png} and {table} ({len(curves)} configuration{'s' if len(curves) > 1 else ''})")
+
+
+def expand(overrides: list[str], compare: list[str], *, multirun: bool) -> list[tuple[str, list[str]]]:
+    """(label, overrides) for every curve: each sweep combination (``-m``), then each ``--compare``."""
+    choices = _sweep_choices(overrides)
+    swept = [i for i, options in enumerate(choices) if len(options) > 1]
+    if swept and not multirun:
+        raise ConfigError(f"{overrides[swept[0]]} is a sweep: add -m to draw one curve per value")
+    runs = []
+    for combination in itertools.product(*choices):
+        label = " ".join(combination[i] for i in swept) or " ".join(combination) or "default"
+        runs.append((label, list(combination)))
+    runs += [(extra, runs[0][1] + shlex.split(extra)) for extra in compare]
+    return runs
+
+
+def load_curve(label: str, overrides: list[str], points: int):
+    from anneal.config.compose import load
+    from anneal.plot import curve
+
+    cfg = load(overrides)
+    derived = cfg.validate()
+    return curve(derived.schedule, derived.ramp, derived.train_iters, label=label,
+                 seq_length=cfg.model.seq_length, points=points)
+
+
+def _sweep_choices(overrides: list[str]) -> list[list[str]]:
+    """Each override as the list of single overrides it sweeps over (one element when not a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:  # Hydra's parse errors; all are user input here
+        raise ConfigError(f"cannot parse the overrides: {str(error).splitlines()[0]}") from error
+    choices = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return choices
+
+
+def _title(runs: list[tuple[str, list[str]]]) -> str:
+    if len(runs) == 1:
+        return f"planned lr and weight decay: {runs[0][0]}"
+    return f"planned lr and weight decay: {len(runs)} configurations"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anneal-plot-schedule", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/pretrain.py")
+    parser.add_argument("--compare", action="append", default=[], metavar="OVERRIDES",
+                        help="another curve: the base overrides plus these (quoted, space-separated); "
+                             "repeatable")
+    parser.add_argument("-m", "--multirun", action="store_true", help="one curve per combination of sweeps")
+    parser.add_argument("--out", default="schedule.png",
+                        help="PNG path; the CSV goes next to it (default: %(default)s)")
+    parser.add_argument("--points", type=int, default=2000,
+                        help="iterations sampled per curve, phase boundaries added; 0: every iteration "
+                             "(default: %(default)s)")
+    parser.add_argument("--title", default="", help="plot title")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
