@@ -27,6 +27,7 @@ _ALIASES = {
 }
 _LR_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
 _WD_FIELDS = ("start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
+_SCHEDULE_FIELDS = frozenset(Schedule.__dataclass_fields__)
 # Saved by anneal, absent from Megatron's state dicts: checked only when the checkpoint has them.
 _ANNEAL_FIELDS = ("init_lr", "wsd_decay_steps", "lr_wsd_decay_style")
 
@@ -103,9 +104,20 @@ class OptimizerParamScheduler:
         self.step(0)
         logger.info("> learning rate decay style: %s", self.lr_decay_style)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _SCHEDULE_FIELDS:  # the cached Schedule is stale once a setting changes
+            self.__dict__.pop("_schedule", None)
+
     @property
     def schedule(self) -> Schedule:
-        """The current settings as a frozen ``Schedule`` (they change only on load)."""
+        """The current settings as a frozen ``Schedule`` (built once, again after a setting changes)."""
+        cached = self.__dict__.get("_schedule")
+        if cached is None:
+            cached = self.__dict__["_schedule"] = self._build_schedule()
+        return cached
+
+    def _build_schedule(self) -> Schedule:
         return Schedule(
             init_lr=self.init_lr,
             max_lr=self.max_lr,
