@@ -1,0 +1,49 @@
+"""The one optimizer interface the training loop sees, whatever the backend: ``AnnealOptimizer``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ``optimizer.step()`` did.
+
+    ``grad_norm`` is the global L2 norm of the averaged, unscaled gradients before clipping, a
+    0-dim tensor (read it with ``.item()`` only on logging steps). As in Megatron-Core it is
+    computed only when it is needed: with ``clip_grad > 0`` or under fp16 (the inf check);
+    otherwise it is 0. ``skipped`` is True only under fp16 when the gradients held inf/NaN: then
+    nothing was updated and the caller must not step the scheduler.
+    """
+
+    grad_norm: torch.Tensor
+    skipped: bool
+    loss_scale: float  # the scale for the next step's loss (1.0 unless fp16)
+    num_skipped: int  # skipped iterations since the start of the run (checkpointed)
+
+
+@runtime_checkable
+class AnnealOptimizer(Protocol):
+    """Owns data-parallel gradient reduction, mixed precision, clipping and the update.
+
+    The model is not wrapped in DDP. The scheduler writes ``lr`` and ``weight_decay`` into
+    ``param_groups`` before each step and the optimizer reads them from there every step.
+    """
+
+    param_groups: list[dict[str, Any]]
+    backend: str  # "torch-adamw-fused", "torch-sgd-fused", "native-zero1" or "apex"
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def zero_grad(self) -> None: ...
+
+    def step(self) -> StepResult: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+    def describe(self) -> str: ...

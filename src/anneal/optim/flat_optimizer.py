@@ -1,0 +1,324 @@
+"""anneal's native optimizer: flat buffers, fused kernels, optional ZeRO-1 sharding over data parallel.
+
+At construction every trainable parameter becomes a view into one flat parameter buffer (in the
+model dtype: fp32, or bf16/fp16, to which the parameters are cast here) and its ``.grad`` a view
+into one flat gradient buffer, so backward accumulates straight into the buffer that is reduced.
+The optimizer keeps fp32 master weights (the parameter buffer itself under fp32) and fp32 state.
+
+``step()``: sum gradients over the data-parallel group; take this rank's shard (everything when
+not sharded); fp16 only: compute the norm, sync once to check it is finite, update the loss
+scale and skip on overflow; clip by the global norm; update each param group's slice with the
+fused kernel (``grad_scale`` folds averaging, unscaling and clipping into it); copy fp32 masters
+back to low-precision parameters; share updated shards with all ranks.
+
+Use ``optimizer.zero_grad()`` (it zeroes the flat buffer). After ``model.zero_grad()`` or any
+other replacement of ``.grad`` the next step copies the new gradients back into the buffer. Do
+not move or cast the model after building the optimizer: its parameters are views of the buffer.
+
+Why a flat-buffer ZeRO-1 of our own (measured here, 50M fp32 parameters, 2 gloo ranks on 2 CPU
+cores): FSDP2 ``fully_shard`` wraps the model and gathers parameters in every forward and
+backward (ZeRO-3): a forward+backward took 1.75 s against 0.24 s unsharded. PyTorch's
+``ZeroRedundancyOptimizer`` steps about as fast as this (update + broadcast 159 ms vs 153 ms) but
+partitions whole parameters (unbalanced with a large embedding), has no fp32 master weights for
+bf16/fp16 models, and saves by gathering all state on one rank. A flat buffer balances shards to
+the element, lets backward accumulate straight into the buffer that is reduced, folds averaging,
+unscaling and clipping into the fused kernel, and splits state exactly as a ``Shard(0)`` DTensor,
+so ``torch.distributed.checkpoint`` reshards it N -> M.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from anneal.optim import collectives as comm
+from anneal.optim.base import StepResult
+from anneal.optim.flat_layout import FlatLayout, build_layout
+from anneal.optim.loss_scaler import LossScaler
+from anneal.optim.update_rules import UpdateRule
+
+logger = logging.getLogger(__name__)
+
+
+class FlatOptimizer:
+    """One ``AnnealOptimizer`` for replicated (``torch-*-fused``) and sharded (``native-zero1``) state."""
+
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        *,
+        update: UpdateRule,
+        dtype: torch.dtype,
+        clip_grad: float,
+        weight_decay: float,
+        loss_scaler: LossScaler | None = None,
+        dp_group: dist.ProcessGroup | None = None,
+        sharded: bool = False,
+    ) -> None:
+        self.update = update
+        self.dtype = dtype
+        self.clip_grad = clip_grad
+        self.loss_scaler = loss_scaler
+        self.sharded = sharded
+        self.dp_group = dp_group
+        self.world_size, self.rank = comm.world_of(dp_group)
+        self.param_groups = [_with_defaults(g, weight_decay) for g in param_groups]
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        device = _single_device(self.params)
+        self.layout = _layout_for(
+            self.param_groups, self.world_size if sharded else 1, self.rank if sharded else 0
+        )
+        self._flat_param, self._master = _flatten_parameters(
+            self.params, self.layout, dtype, device, dp_group
+        )
+        self._flat_grad = torch.zeros(self.layout.padded, dtype=dtype, device=device)
+        self._param_views, self._grad_views = _bind_views(
+            self.params, self.layout, self._flat_param, self._flat_grad
+        )
+        size = self.layout.shard_size
+        self._state = {n: torch.zeros(size, dtype=torch.float32, device=device) for n in update.state_names}
+        self._grad32 = (
+            None if dtype == torch.float32 else torch.zeros(size, dtype=torch.float32, device=device)
+        )
+        self._segments = self.layout.segments()
+        self._steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in self._segments]
+        self.num_updates = 0
+        self.num_skipped = 0
+        self._mesh = None
+        self._zero_norm = torch.zeros((), dtype=torch.float32, device=device)
+
+    @property
+    def backend(self) -> str:
+        if self.sharded:
+            return "native-zero1"
+        return f"torch-{self.update.name}-fused"
+
+    def describe(self) -> str:
+        shard = f"state sharded over {self.world_size} ranks" if self.sharded else "state replicated"
+        mp = (
+            "fp32"
+            if self.dtype == torch.float32
+            else f"{str(self.dtype).removeprefix('torch.')} params, fp32 master"
+        )
+        return (
+            f"{self.backend}: fused {self.update.name} over {self.layout.total:,} parameters in "
+            f"{len(self.param_groups)} groups, one flat buffer, {mp}; dp world {self.world_size}, {shard}, "
+            f"collectives: {comm.collective_names(self.dp_group, self.sharded)}; "
+            f"{self.state_bytes() / 2**20:.1f} MiB optimizer state on this rank"
+        )
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: moments (and the fp32 master copy if separate)."""
+        tensors = list(self._state.values())
+        if self.dtype != torch.float32:
+            tensors.append(self._master)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.loss_scaler is None else loss * self.loss_scaler.scale
+
+    def zero_grad(self) -> None:
+        self._flat_grad.zero_()
+        self._adopt_grads(copy=False)
+
+    def step(self) -> StepResult:
+        self._adopt_grads(copy=True)
+        comm.reduce_gradients(self._flat_grad, self.layout, self.dp_group, self.sharded)
+        grads = self._shard_grads()
+        denom = float(self.world_size) * self._loss_scale()
+        need_norm = self.clip_grad > 0 or self.loss_scaler is not None
+        grad_norm = self._global_norm(grads) / denom if need_norm else self._zero_norm
+        if self.loss_scaler is not None:
+            found_inf = not bool(torch.isfinite(grad_norm))  # the step's one host sync (fp16 only)
+            self.loss_scaler.update(found_inf)
+            if found_inf:
+                self.num_skipped += 1
+                logger.info(
+                    "fp16: gradients overflowed; step skipped, loss scale now %g", self.loss_scaler.scale
+                )
+                return StepResult(grad_norm, True, self._loss_scale(), self.num_skipped)
+        self._apply_update(grads, self._grad_scale(grad_norm, denom))
+        self._publish_parameters()
+        self.num_updates += 1
+        return StepResult(grad_norm, False, self._loss_scale(), self.num_skipped)
+
+    def _loss_scale(self) -> float:
+        return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+
+    def _adopt_grads(self, copy: bool) -> None:
+        """Point every ``.grad`` back at its buffer view (copying in a gradient that replaced it)."""
+        for param, view in zip(self.params, self._grad_views):
+            grad = param.grad
+            if grad is not None and grad.data_ptr() == view.data_ptr():
+                continue
+            if copy and grad is not None:
+                view.copy_(grad)
+            elif copy:
+                view.zero_()  # an unused parameter (or one whose grad was set to None)
+            param.grad = view
+
+    def _shard_grads(self) -> torch.Tensor:
+        lo, hi = self.layout.shard_bounds(self.layout.rank)
+        shard = self._flat_grad[lo:hi]
+        if self._grad32 is None:
+            return shard
+        return self._grad32.copy_(shard)
+
+    def _global_norm(self, grads: torch.Tensor) -> torch.Tensor:
+        """L2 norm of the summed, still scaled gradients over every shard of every rank."""
+        local = torch.linalg.vector_norm(grads, dtype=torch.float32)
+        if not (self.sharded and self.world_size > 1):
+            return local
+        squared = local * local
+        comm.all_reduce_sum(squared, self.dp_group)
+        return squared.sqrt()
+
+    def _grad_scale(self, grad_norm: torch.Tensor, denom: float) -> torch.Tensor | None:
+        """What the kernel divides gradients by: ranks x loss scale x clipping (Megatron's coefficient)."""
+        if self.clip_grad > 0:
+            # clip_coeff = clip_grad / (norm + 1e-6), applied only when < 1 (as Megatron).
+            return torch.clamp((grad_norm + 1.0e-6) / self.clip_grad, min=1.0) * denom
+        if denom == 1.0:
+            return None
+        return torch.full((), denom, dtype=torch.float32, device=grad_norm.device)
+
+    def _apply_update(self, grads: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
+        for segment, step in zip(self._segments, self._steps):
+            sl = slice(segment.start, segment.end)
+            state = {name: t[sl] for name, t in self._state.items()}
+            self.update(
+                self.param_groups[segment.group], self._master[sl], grads[sl], state, step, grad_scale
+            )
+
+    def _publish_parameters(self) -> None:
+        """Copy fp32 masters into the model-dtype buffer (if separate) and share shards with all ranks."""
+        if self.dtype != torch.float32:
+            lo, hi = self.layout.shard_bounds(self.layout.rank)
+            self._flat_param[lo:hi].copy_(self._master)
+        if self.sharded:
+            comm.gather_parameters(self._flat_param, self.layout, self.dp_group)
+
+    # ---- checkpointing (torch.distributed.checkpoint) ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flat state keyed by kind; sharded state is a 1-D DTensor (``Shard(0)``) so DCP can reshard.
+
+        Works with ``dcp.save({"optimizer": optimizer})`` (DCP calls this) and with
+        ``dcp.save({"optimizer": optimizer.state_dict()})``; a checkpoint loads on any number of
+        ranks and into either the sharded or the replicated backend.
+        """
+        state: dict[str, Any] = {"layout": self.layout.signature(), "num_updates": self.num_updates}
+        for name, tensor in self._state.items():
+            state[name] = self._export(tensor)
+        if self.dtype != torch.float32:
+            state["master"] = self._export(self._master)
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
+        state["num_skipped"] = self.num_skipped
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["layout"] != self.layout.signature():
+            raise ValueError(
+                f"optimizer checkpoint layout {state_dict['layout']!r} does not match this model's "
+                f"{self.layout.signature()!r}: the parameters, their order or the param groups differ"
+            )
+        for name, tensor in self._state.items():
+            self._import(state_dict[name], tensor)
+        if self.dtype != torch.float32:
+            self._import(state_dict["master"], self._master)
+            self._publish_parameters()
+        self.num_updates = int(state_dict["num_updates"])
+        for step in self._steps:
+            step.fill_(self.num_updates)
+        if self.loss_scaler is not None and "loss_scaler" in state_dict:
+            self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
+        self.num_skipped = int(state_dict.get("num_skipped", 0))
+
+    def _export(self, tensor: torch.Tensor) -> torch.Tensor:
+        local = tensor[: self.layout.valid]
+        if not (self.sharded and self.world_size > 1):
+            return local
+        if self._mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._mesh = DeviceMesh.from_group(self.dp_group, tensor.device.type)
+        total = self.layout.total
+        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=(total,), stride=(1,))
+
+    def _import(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        local = source.to_local() if isinstance(source, DTensor) else source
+        valid = self.layout.valid
+        if local.numel() == self.layout.total and self.layout.total != valid:  # a full (unsharded) tensor
+            local = local[self.layout.shard_start : self.layout.shard_start + valid]
+        if local.numel() != valid:
+            raise ValueError(f"optimizer state has {local.numel()} elements for a shard of {valid}")
+        if valid and local.data_ptr() != target.data_ptr():
+            target[:valid].copy_(local)
+
+
+def _with_defaults(group: dict[str, Any], weight_decay: float) -> dict[str, Any]:
+    """A copy of ``group`` with ``lr`` and ``weight_decay`` present before the scheduler's first write."""
+    out = dict(group)
+    out.setdefault("lr", group.get("max_lr", 0.0))
+    out.setdefault("weight_decay", weight_decay * group.get("wd_mult", 1.0))
+    return out
+
+
+def _single_device(params: list[torch.Tensor]) -> torch.device:
+    if not params:
+        raise ValueError("optimizer got no trainable parameters")
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"all trainable parameters must be on one device, found {sorted(map(str, devices))}")
+    return params[0].device
+
+
+def _layout_for(groups: list[dict[str, Any]], world_size: int, rank: int) -> FlatLayout:
+    names = [
+        list(g.get("param_names") or [f"group{i}.{j}" for j in range(len(g["params"]))])
+        for i, g in enumerate(groups)
+    ]
+    numels = [[p.numel() for p in g["params"]] for g in groups]
+    return build_layout(names, numels, world_size, rank)
+
+
+def _flatten_parameters(
+    params: list[torch.Tensor],
+    layout: FlatLayout,
+    dtype: torch.dtype,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat parameter buffer in ``dtype``, fp32 master shard) built from the current values.
+
+    The values come from data-parallel rank 0 (as DDP does), and the master from the values as
+    they were before any cast to low precision.
+    """
+    full = torch.zeros(layout.padded, dtype=torch.float32, device=device)
+    for param, offset in zip(params, layout.offsets):
+        full[offset : offset + param.numel()].copy_(param.detach().reshape(-1))
+    comm.broadcast_from_first(full, group)
+    lo, hi = layout.shard_bounds(layout.rank)
+    if dtype == torch.float32:
+        return full, full[lo:hi]
+    return full.to(dtype), full[lo:hi].clone()
+
+
+def _bind_views(
+    params: list[torch.Tensor], layout: FlatLayout, flat_param: torch.Tensor, flat_grad: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Make each parameter (and its ``.grad``) a view into the flat buffers."""
+    param_views, grad_views = [], []
+    for param, offset in zip(params, layout.offsets):
+        sl = slice(offset, offset + param.numel())
+        param_view, grad_view = flat_param[sl].view_as(param), flat_grad[sl].view_as(param)
+        param.data = param_view
+        param.grad = grad_view
+        param_views.append(param_view)
+        grad_views.append(grad_view)
+    return param_views, grad_views

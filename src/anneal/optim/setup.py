@@ -1,0 +1,145 @@
+"""``setup_optimizer``: optimizer config + scheduler config + model -> (optimizer, scheduler).
+
+Backends (``optimizer.backend`` names what runs; the launcher prints ``optimizer.describe()``):
+
+- ``use_distributed_optimizer=false``: ``torch-adamw-fused`` / ``torch-sgd-fused``: anneal's flat
+  optimizer with state replicated on every data-parallel rank (gradients all-reduced in step).
+- ``use_distributed_optimizer=true``: ``apex`` (Apex's DistributedFusedAdam) when
+  ``distributed_backend`` is ``apex``, or ``auto`` with Apex importable and CUDA present;
+  otherwise ``native-zero1``: the flat optimizer with state and fp32 masters sharded (ZeRO-1).
+
+Mixed precision: with ``bf16`` / ``fp16`` this function casts the model's parameters to that dtype
+(in place, keeping fp32 master copies inside the optimizer); the caller does not cast the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from anneal.config.optimizer import OptimizerConfig
+from anneal.errors import ConfigError
+from anneal.optim.apex_backend import ApexOptimizer, apex_available
+from anneal.optim.base import AnnealOptimizer
+from anneal.optim.flat_optimizer import FlatOptimizer
+from anneal.optim.loss_scaler import build_loss_scaler
+from anneal.optim.param_groups import get_param_groups
+from anneal.optim.update_rules import build_update_rule
+from anneal.scheduler import OptimizerParamScheduler, Schedule
+
+logger = logging.getLogger(__name__)
+
+
+def setup_optimizer(
+    optimizer_config: OptimizerConfig,
+    scheduler_config: Any,
+    model: torch.nn.Module,
+    *,
+    schedule: Schedule,
+    dp_group: dist.ProcessGroup | None = None,
+) -> tuple[AnnealOptimizer, OptimizerParamScheduler]:
+    """Build the optimizer over ``model``'s parameter groups, then the scheduler that drives it.
+
+    ``scheduler_config`` needs ``override_opt_param_scheduler`` and
+    ``use_checkpoint_opt_param_scheduler``; ``schedule`` carries the numbers (in samples).
+    """
+    optimizer_config.validate()
+    groups = get_param_groups(model, optimizer_config, fallback_min_lr=schedule.min_lr)
+    backend = select_backend(optimizer_config)
+    _warn_unhonoured(optimizer_config, backend)
+    dtype = model_dtype(optimizer_config)
+    _cast_frozen_parameters(model, dtype)
+    optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        **dataclasses.asdict(schedule),
+        use_checkpoint_opt_param_scheduler=scheduler_config.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=scheduler_config.override_opt_param_scheduler,
+    )
+    logger.info("optimizer: %s", optimizer.describe())
+    return optimizer, scheduler
+
+
+def model_dtype(config: OptimizerConfig) -> torch.dtype:
+    if config.bf16:
+        return torch.bfloat16
+    return torch.float16 if config.fp16 else torch.float32
+
+
+def select_backend(config: OptimizerConfig) -> str:
+    """``replicated``, ``native`` (ZeRO-1) or ``apex``; an explicit ``apex`` that cannot run is an error."""
+    if not config.use_distributed_optimizer:
+        return "replicated"
+    choice = config.distributed_backend
+    if choice == "apex" and config.optimizer != "adam":
+        raise ConfigError(
+            f"optimizer.distributed_backend ('apex') runs only optimizer.optimizer 'adam', not {config.optimizer!r}"
+        )
+    if choice == "apex" and not apex_available():
+        raise ConfigError(
+            "optimizer.distributed_backend ('apex') needs CUDA and NVIDIA Apex "
+            "(apex.contrib.optimizers.distributed_fused_adam), which are not available here; "
+            "use 'auto' or 'native'"
+        )
+    if choice == "apex" or (choice == "auto" and config.optimizer == "adam" and apex_available()):
+        return "apex"
+    return "native"
+
+
+def build_optimizer(
+    config: OptimizerConfig,
+    groups: list[dict[str, Any]],
+    *,
+    backend: str,
+    dtype: torch.dtype,
+    dp_group: dist.ProcessGroup | None,
+) -> AnnealOptimizer:
+    loss_scaler = build_loss_scaler(config)
+    if backend == "apex":
+        for group in groups:
+            for param in group["params"]:
+                param.data = param.data.to(dtype)
+        return ApexOptimizer(groups, config, dtype=dtype, loss_scaler=loss_scaler, dp_group=dp_group)
+    return FlatOptimizer(
+        groups,
+        update=build_update_rule(config),
+        dtype=dtype,
+        clip_grad=config.clip_grad,
+        weight_decay=config.weight_decay,
+        loss_scaler=loss_scaler,
+        dp_group=dp_group,
+        sharded=backend == "native",
+    )
+
+
+def _warn_unhonoured(config: OptimizerConfig, backend: str) -> None:
+    """Say once, at start-up, which requested settings this backend does not honour."""
+    if backend != "apex":
+        for name in ("overlap_grad_reduce", "overlap_param_gather"):
+            if getattr(config, name):
+                logger.warning(
+                    "optimizer.%s=true is not honoured by the %s backend: it reduces gradients and "
+                    "gathers parameters inside step(), without overlap",
+                    name,
+                    "native-zero1" if backend == "native" else "replicated",
+                )
+    if config.loss_scale is not None and not config.fp16:
+        logger.warning("optimizer.loss_scale (%s) is used only with fp16; ignored", config.loss_scale)
+    if config.distributed_backend != "auto" and not config.use_distributed_optimizer:
+        logger.warning(
+            "optimizer.distributed_backend (%r) has no effect without use_distributed_optimizer",
+            config.distributed_backend,
+        )
+
+
+def _cast_frozen_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters follow the model dtype too (trainable ones are cast by the optimizer)."""
+    if dtype == torch.float32:
+        return
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)

@@ -1,0 +1,172 @@
+"""native-zero1 in real gloo processes: equal to single-process AdamW, half the state per rank, DCP N<->M.
+
+Two spawns in all (about 15 s on 2 cores): one 2-rank run trains, measures and saves; the other
+loads a 1-process checkpoint on 2 ranks. Everything else runs in the test process itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from optim_helpers import (
+    GLOBAL_BATCH,
+    assert_close_run,
+    batches,
+    build,
+    reference,
+    run_distributed,
+    train,
+)
+
+STEPS, SAVE_AT = 20, 10
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def _local_state_bytes(state: dict) -> int:
+    """Bytes of the tensors this rank actually holds in the optimizer state dict."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            total += local.numel() * local.element_size()
+    return total
+
+
+def _save(path, model, optimizer, scheduler) -> None:
+    dcp.save(
+        {"model": model.state_dict(), "optimizer": optimizer, "scheduler": scheduler}, checkpoint_id=str(path)
+    )
+
+
+def _load(path, model, optimizer, scheduler) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer, "scheduler": scheduler}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+
+
+def _two_rank_training(rank: int, world: int, out_dir: str) -> None:
+    group = dist.group.WORLD
+    data = batches(STEPS)
+    result = {}
+    model, opt, sched = build(group, use_distributed_optimizer=True)
+    result["backend"] = opt.backend
+    losses = train(model, opt, sched, data, range(SAVE_AT), rank, world)
+    _save(f"{out_dir}/ckpt_2ranks", model, opt, sched)
+    losses += train(model, opt, sched, data, range(SAVE_AT, STEPS), rank, world)
+    result["zero1"] = (losses, _snapshot(model))
+    result["state_bytes"] = _local_state_bytes(opt.state_dict())
+
+    model, opt, sched = build(group, use_distributed_optimizer=False)  # replicated state, same reduction
+    result["replicated"] = (train(model, opt, sched, data, range(STEPS), rank, world), _snapshot(model))
+
+    model, opt, sched = build(group, use_distributed_optimizer=True, bf16=True)
+    bf16_losses = train(model, opt, sched, data, range(5), rank, world)
+    master = opt.state_dict()["master"].full_tensor()
+    flat = torch.cat([p.detach().reshape(-1) for p in opt.params])
+    result["bf16"] = (bf16_losses, torch.equal(flat, master.to(torch.bfloat16)), flat.dtype)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+def _resume_on_two_ranks(rank: int, world: int, out_dir: str) -> None:
+    group = dist.group.WORLD
+    data = batches(STEPS)
+    model, opt, sched = build(group, use_distributed_optimizer=True)
+    _load(f"{out_dir}/ckpt_1rank", model, opt, sched)
+    losses = train(model, opt, sched, data, range(SAVE_AT, STEPS), rank, world)
+    result = {"resumed": (losses, _snapshot(model)), "num_steps": sched.num_steps}
+
+    # fp16: an overflow on one rank only must skip the step on every rank.
+    model, opt, sched = build(group, use_distributed_optimizer=True, fp16=True, initial_loss_scale=1024.0)
+    before = _snapshot(model)
+    opt.zero_grad()
+    opt.scale_loss(torch.stack([p.float().sum() for p in model.parameters()]).sum()).backward()
+    if rank == 1:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    step = opt.step()
+    result["fp16"] = (
+        step.skipped,
+        step.num_skipped,
+        all(torch.equal(before[n], p.float()) for n, p in model.named_parameters()),
+    )
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    return reference(STEPS, batches(STEPS))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero1")
+    run_distributed(_two_rank_training, 2, str(out))
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_two_rank_zero1_equals_single_process_adamw(two_rank_run, reference_run):
+    _, results = two_rank_run
+    ref_losses, ref_params, _ = reference_run
+    assert results[0]["backend"] == "native-zero1"
+    for result in results:
+        assert_close_run(*result["zero1"], ref_losses, ref_params, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_rank_replicated_equals_single_process_adamw(two_rank_run, reference_run):
+    _, results = two_rank_run
+    for result in results:
+        assert_close_run(*result["replicated"], *reference_run[:2], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_each_rank_holds_half_the_optimizer_state(two_rank_run, reference_run):
+    _, results = two_rank_run
+    single = reference_run[2]
+    for result in results:
+        assert result["state_bytes"] == pytest.approx(single / 2, rel=0.10)
+
+
+@pytest.mark.slow
+def test_bf16_two_ranks_keeps_fp32_master_and_tracks_fp32_losses(two_rank_run, reference_run):
+    _, results = two_rank_run
+    for result in results:
+        losses, params_are_master_cast, dtype = result["bf16"]
+        assert dtype == torch.bfloat16 and params_are_master_cast
+        for a, b in zip(losses, reference_run[0][:10]):
+            assert a == pytest.approx(b, rel=2e-2)
+    assert results[0]["bf16"][0] == results[1]["bf16"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_checkpoint_from_two_ranks_resumes_identically_in_one_process(two_rank_run):
+    out, results = two_rank_run
+    data = batches(STEPS)
+    model, opt, sched = build(use_distributed_optimizer=True)
+    _load(out / "ckpt_2ranks", model, opt, sched)
+    assert sched.num_steps == SAVE_AT * GLOBAL_BATCH
+    losses = train(model, opt, sched, data, range(SAVE_AT, STEPS))
+    expected_losses, expected_params = results[0]["zero1"]
+    assert_close_run(losses, _snapshot(model), expected_losses[2 * SAVE_AT :], expected_params, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_checkpoint_from_one_process_resumes_identically_on_two_ranks(tmp_path, reference_run):
+    data = batches(STEPS)
+    model, opt, sched = build(use_distributed_optimizer=True)
+    train(model, opt, sched, data, range(SAVE_AT))
+    _save(tmp_path / "ckpt_1rank", model, opt, sched)
+    run_distributed(_resume_on_two_ranks, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ref_losses, ref_params, _ = reference_run
+    for result in results:
+        assert result["num_steps"] == STEPS * GLOBAL_BATCH
+        assert_close_run(*result["resumed"], ref_losses[2 * SAVE_AT :], ref_params, rel=1e-5)
+        assert result["fp16"] == (True, 1, True)
