@@ -1,0 +1,1 @@
+"""``python scripts/bench.py``: every benchmark in one run, printed as a table and written as JSON."""

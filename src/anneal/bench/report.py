@@ -1,0 +1,137 @@
+"""Run every benchmark, print one table, write JSON, update README's table, flag regressions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+from anneal.bench.stats import Stat
+
+# figure -> (">=" or "<=", limit): far past what was measured here, so noise never trips it.
+THRESHOLDS = {
+    "launcher_vs_bare": (">=", 0.85),
+    "first_iteration_vs_import_torch": ("<=", 8.0),
+    "dry_run_s": ("<=", 6.0),
+    "optimizer_vs_adamw_foreach": ("<=", 0.6),
+    "optimizer_vs_adamw_fused": ("<=", 1.3),
+    "optimizer_traffic_of_inplace_bandwidth": (">=", 0.6),
+    "dist_state_2_ranks_vs_1": ("<=", 0.55),
+    "checkpoint_save_vs_torch_save": ("<=", 8.0),
+    "checkpoint_load_vs_torch_load": ("<=", 8.0),
+    "scheduler_step_ns_10_groups": ("<=", 200_000),
+    "schedule_1m_points_s": ("<=", 15.0),
+}
+README_ROWS = [
+    ("launcher tokens/s ÷ bare PyTorch loop", "launcher_vs_bare"),
+    ("seconds to the first finished iteration", "time_to_first_iteration_s"),
+    ("… ÷ `python -c 'import torch'`", "first_iteration_vs_import_torch"),
+    ("dry run, default config (s)", "dry_run_s"),
+    ("dry run, `recipe=qwen3_4b` with the planner (s)", "dry_run_qwen3_4b_s"),
+    ("optimizer step, 50M params (ms)", "optimizer_step_ms"),
+    ("… ÷ `AdamW(foreach=True)`", "optimizer_vs_adamw_foreach"),
+    ("… ÷ `AdamW(fused=True)`", "optimizer_vs_adamw_fused"),
+    ("… traffic ÷ in-place `mul_` bandwidth", "optimizer_traffic_of_inplace_bandwidth"),
+    ("distributed optimizer state per rank, 2 ranks ÷ 1", "dist_state_2_ranks_vs_1"),
+    ("checkpoint save ÷ `torch.save`", "checkpoint_save_vs_torch_save"),
+    ("checkpoint save ÷ `torch.save` + fsync (same durability)", "checkpoint_save_vs_torch_save_fsync"),
+    ("checkpoint load ÷ `torch.load`", "checkpoint_load_vs_torch_load"),
+    ("scheduler `step()`, 10 groups (ns)", "scheduler_step_ns_10_groups"),
+    ("1M schedule points, lr and wd (s)", "schedule_1m_points_s"),
+]
+
+
+def run_all(repeats: int) -> dict[str, Stat]:
+    from anneal.bench import components, gpu, launcher, optimizer
+
+    sections = [("scheduler", lambda: components.scheduler_figures(repeats)),
+                ("checkpoint", lambda: components.checkpoint_figures(repeats)),
+                ("optimizer", lambda: optimizer.step_figures(repeats)),
+                ("distributed optimizer state", optimizer.state_figures),
+                ("start-up", lambda: launcher.startup(repeats)),
+                ("launcher overhead", lambda: launcher.overhead(repeats)),
+                ("GPU (skipped without CUDA)", gpu.gpu_figures)]
+    results: dict[str, Stat] = {}
+    for name, section in sections:
+        start = time.perf_counter()
+        results.update(section())
+        print(f"bench: {name} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def table(results: dict[str, Stat]) -> str:
+    rows = [("figure", "median", "min", "max", "unit", "threshold")]
+    for name, s in results.items():
+        limit = THRESHOLDS.get(name)
+        rows.append((name, f"{s.median:.4g}", f"{s.min:.4g}", f"{s.max:.4g}", s.unit,
+                     f"{limit[0]} {limit[1]:g}" if limit else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    return "\n".join("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths))).rstrip() for r in rows)
+
+
+def regressions(results: dict[str, Stat]) -> list[str]:
+    bad = []
+    for name, (op, limit) in THRESHOLDS.items():
+        value = results[name].median if name in results else None
+        if value is not None and not (value >= limit if op == ">=" else value <= limit):
+            bad.append(f"{name} = {value:.4g}, threshold {op} {limit:g}")
+    return bad
+
+
+def readme_table(payload: dict) -> str:
+    results = payload["results"]
+    lines = [f"Measured by `python scripts/bench.py` on {payload['machine']} ({payload['date']}); "
+             "median of the runs, [min – max]. Ratios are taken run by run, side by side.", "",
+             "| figure | median | range |", "|---|---|---|"]
+    for label, key in README_ROWS:
+        if key in results:
+            r = results[key]
+            lines.append(f"| {label} | {r['median']:.3g} | {r['min']:.3g} – {r['max']:.3g} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, payload: dict) -> None:
+    text = readme.read_text()
+    block = f"<!-- bench:start -->\n{readme_table(payload)}\n<!-- bench:end -->"
+    new, count = re.subn(r"<!-- bench:start -->.*<!-- bench:end -->", block, text, flags=re.S)
+    readme.write_text(new if count else f"{text.rstrip()}\n\n## Performance\n\n{block}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run anneal's benchmarks side by side and report them.")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench_results/bench.json")
+    parser.add_argument("--readme", help="update this README's Performance table from the results")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = run_all(args.repeats)
+    payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
+               "seconds": round(time.perf_counter() - started), "thresholds": THRESHOLDS,
+               "results": {k: v.as_dict() for k, v in results.items()},
+               "gpu": "skipped: no CUDA device" if "no GPU" in machine() else "see results"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"{payload['machine']}; {args.repeats} runs each after a warm-up; {payload['seconds']} s in all")
+    print(table(results))
+    print(f"GPU figures: {payload['gpu']}\nJSON: {out}")
+    if args.readme:
+        update_readme(Path(args.readme), payload)
+    bad = regressions(results)
+    for line in bad:
+        print(f"REGRESSION: {line}", file=sys.stderr)
+    return 1 if bad else 0
