@@ -4,6 +4,8 @@ The values come from ``anneal.scheduler``'s pure ``lr_at`` / ``wd_at``, the func
 loop applies (and the parity tests check), evaluated at the scheduler's own argument: the samples
 consumed before each iteration. Long runs are sampled, not vectorised: evenly spaced iterations plus
 the ones on both sides of every phase boundary, so each kink is drawn exactly where it is.
+A ``TorchSchedule`` is drawn by stepping the real torch scheduler once per iteration (on a dummy
+optimizer), which is exact but slower: ``TORCH_PREVIEW_MAX_ITERS`` caps it, with a note on the plot.
 matplotlib is imported when a plot is drawn, never at import.
 """
 
@@ -15,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anneal.config.batch import BatchRamp
+from anneal.config.torch_scheduler import TorchSchedule
 from anneal.scheduler.schedule import Schedule, lr_at, phases, wd_at
 
 DEFAULT_POINTS = 2000
 PHASE_COLORS = {"warmup": "#fde0c5", "stable": "#d8ecd4", "constant": "#d8ecd4", "anneal": "#d6e2f5",
                 "decay": "#d6e2f5", "min lr": "#e4e4e4"}
+OTHER_PHASE_COLOR = "#e6ddf0"  # a torch schedule's main phase, named after its class
+# A torch scheduler steps in 5-8 µs: 300k iterations take 1.5-2.5 s to preview, 1M iterations 5-8 s.
+TORCH_PREVIEW_MAX_ITERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Curve:
     wd: list[float]
     phases: tuple[Phase, ...]
     seq_length: int | None = None
+    note: str = ""  # shown on the plot: what the curve cannot show (a metric-driven lr, a cap)
 
     def phase_at(self, steps: float) -> str:
         """The phase whose branch of ``lr_at`` gives the lr after ``steps``."""
@@ -91,13 +98,40 @@ def sample_iterations(train_iters: int, spans: Sequence[Phase], points: int = DE
     return sorted(even | {k for k in edges if 1 <= k <= train_iters})
 
 
-def curve(schedule: Schedule, ramp: BatchRamp, train_iters: int, *, label: str = "",
+def curve(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: int, *, label: str = "",
           seq_length: int | None = None, points: int = DEFAULT_POINTS) -> Curve:
+    if isinstance(schedule, TorchSchedule):
+        return torch_curve(schedule, ramp, train_iters, label=label, seq_length=seq_length, points=points)
     spans = phase_spans(schedule, ramp, train_iters)
     iterations = sample_iterations(train_iters, spans, points)
     lrs, wds = planned(schedule, ramp, iterations)
     samples = [ramp.samples_after(k - 1) for k in iterations]
     return Curve(label, iterations, samples, lrs, wds, spans, seq_length)
+
+
+def torch_curve(schedule: TorchSchedule, ramp: BatchRamp, train_iters: int, *, label: str = "",
+                seq_length: int | None = None, points: int = DEFAULT_POINTS) -> Curve:
+    """The lr the torch scheduler applies at sampled iterations (every one stepped), wd constant."""
+    from anneal.scheduler.torch_schedules import preview_lrs  # imports torch
+
+    drawn = min(train_iters, TORCH_PREVIEW_MAX_ITERS)
+    ends = [("warmup", schedule.warmup_iters), (schedule.class_name, drawn)]
+    spans, start = [], 0
+    for name, end in ends:
+        if end > start:
+            spans.append(Phase(name, ramp.samples_after(start), ramp.samples_after(end), start, end))
+            start = end
+    iterations = sample_iterations(drawn, spans, points)
+    notes = []
+    if schedule.follows_metric:
+        notes.append(f"{schedule.class_name}: after the warmup the lr depends on the validation loss; "
+                     "drawn flat at its initial value")
+    if drawn < train_iters:
+        notes.append(f"torch schedules are stepped one iteration at a time: drawn up to iteration {drawn:,} "
+                     f"of {train_iters:,}")
+    return Curve(label, iterations, [ramp.samples_after(k - 1) for k in iterations],
+                 preview_lrs(schedule, iterations), [schedule.weight_decay] * len(iterations), tuple(spans),
+                 seq_length, note="\n".join(notes))
 
 
 def write_csv(curves: Sequence[Curve], path: Path) -> Path:
@@ -145,13 +179,14 @@ def plot_schedules(curves: Sequence[Curve], path: Path, title: str = "") -> Path
         axes[0][1].legend(loc="best", fontsize=8)
     shaded = f"shaded: the phases of {reference.label}" if len(curves) > 1 else None
     _phase_legend(fig, reference.phases, shaded)
+    _notes(axes[0][0], curves)
     fig.suptitle(title or "planned learning rate and weight decay")
     # fixed margins: tight_layout would draw the figure once more (half the time of a 300k-iteration plot)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.17, hspace=0.08, wspace=0.05)
     return _save(fig, path)
 
 
-def plot_run(schedule: Schedule, ramp: BatchRamp, train_iters: int, path: Path,
+def plot_run(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: int, path: Path,
              applied: Sequence[dict] = (), title: str = "") -> Path:
     """PNG of the planned schedule over ``train_iters`` iterations, with ``applied`` points drawn over it."""
     plt = _pyplot()
@@ -168,7 +203,9 @@ def plot_run(schedule: Schedule, ramp: BatchRamp, train_iters: int, path: Path,
     ax_lr.set_ylabel("learning rate")
     ax_wd.set_ylabel("weight decay")
     ax_wd.set_xlabel("iteration")
-    ax_lr.set_title(title or f"{schedule.lr_decay_style} schedule, {train_iters} iterations")
+    style = schedule.class_name if isinstance(schedule, TorchSchedule) else schedule.lr_decay_style
+    ax_lr.set_title(title or f"{style} schedule, {train_iters} iterations")
+    _notes(ax_lr, [c])
     ax_lr.legend(loc="upper right")
     ax_wd.legend(loc="lower right")
     fig.tight_layout()
@@ -203,7 +240,7 @@ def _shade(ax, spans: Sequence[Phase], unit: str, labels: bool) -> None:
     total = _span(spans[-1], unit)[1] or 1
     for phase in spans:
         lo, hi = _span(phase, unit)
-        ax.axvspan(lo, hi, color=PHASE_COLORS[phase.name], alpha=0.7, lw=0)
+        ax.axvspan(lo, hi, color=PHASE_COLORS.get(phase.name, OTHER_PHASE_COLOR), alpha=0.7, lw=0)
         if not labels:
             continue
         if (hi - lo) / total > 0.08:
@@ -232,11 +269,21 @@ def _tokens_axis(ax, curves: Sequence[Curve]) -> None:
     top.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
+def _notes(ax, curves: Sequence[Curve]) -> None:
+    """Each curve's note in a box in the middle of the lr panel."""
+    labelled = len(curves) > 1
+    text = "\n".join(f"{c.label + ': ' if c.label and labelled else ''}{c.note}" for c in curves if c.note)
+    if text:
+        ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.2",
+                bbox={"boxstyle": "round", "facecolor": "#fff6d5", "edgecolor": "0.6"})
+
+
 def _phase_legend(fig, spans: Sequence[Phase], title: str | None) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=PHASE_COLORS[p.name], label=f"{p.name}: iterations {p.start_iteration:,}–"
-                     f"{p.end_iteration:,}, samples {p.start_samples:,.0f}–{p.end_samples:,.0f}")
+    handles = [Patch(color=PHASE_COLORS.get(p.name, OTHER_PHASE_COLOR),
+                     label=f"{p.name}: iterations {p.start_iteration:,}–{p.end_iteration:,}, "
+                     f"samples {p.start_samples:,.0f}–{p.end_samples:,.0f}")
                for p in spans]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=8, frameon=False,
                title=title, title_fontsize=8)

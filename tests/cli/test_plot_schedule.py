@@ -57,7 +57,7 @@ def test_sampled_long_run_keeps_every_phase_boundary(compose) -> None:
 
 
 def test_phase_column_follows_the_lr_branches(compose) -> None:
-    _, d = _derived(compose, "scheduler=wsd", "scheduler.lr_decay_iters=250")
+    _, d = _derived(compose, "scheduler=wsd", "train.train_iters=300", "scheduler.lr_decay_iters=250")
     c = curve(d.schedule, d.ramp, d.train_iters, points=0)
     phase = [c.phase_at(s) for s in c.samples]
     by_phase = {name: [lr for lr, p in zip(c.lr, phase) if p == name] for name in set(phase)}

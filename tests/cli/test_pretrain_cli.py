@@ -9,7 +9,8 @@ from anneal_testing import run_cli
 
 def test_dry_run_prints_the_derived_wsd_boundaries() -> None:
     start = time.perf_counter()
-    out = run_cli("scheduler=wsd", "scheduler.lr_wsd_decay_style=minus_sqrt", "optimizer.lr=3e-4", "dry_run=true")
+    out = run_cli("scheduler=wsd", "scheduler.lr_wsd_decay_style=minus_sqrt", "optimizer.lr=3e-4", "train.train_iters=300",
+                  "dry_run=true")
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert "lr WSD (anneal minus_sqrt), max_lr 0.0003" in out.stdout

@@ -56,7 +56,7 @@ RULES = [
 @pytest.mark.parametrize("overrides,expected", RULES, ids=[" ".join(r[0]) for r in RULES])
 def test_rule_fires_and_names_the_field(compose, overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
-        compose(*overrides).validate()
+        compose("train.train_iters=300", *overrides).validate()
     assert expected in str(info.value)
 
 

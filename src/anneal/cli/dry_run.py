@@ -11,6 +11,7 @@ import os
 from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
+from anneal.config.torch_scheduler import TorchSchedule
 
 DEFAULT_DATA_PARALLEL_SIZES = (1, 8, 64)
 
@@ -26,6 +27,8 @@ def human(n: float) -> str:
 def schedule_table(cfg: ConfigContainer, derived: Derived) -> str:
     seq = cfg.model.seq_length
     s = derived.schedule
+    if isinstance(s, TorchSchedule):
+        return "\n".join(_torch_lines(cfg, s) + _boundary_rows(derived, seq))
     lines = [
         f"schedule: lr {s.lr_decay_style}"
         + (f" (anneal {s.lr_wsd_decay_style})" if s.lr_decay_style == "WSD" else "")
@@ -33,11 +36,31 @@ def schedule_table(cfg: ConfigContainer, derived: Derived) -> str:
         f" wd {s.wd_incr_style} {s.start_wd:g} -> {s.end_wd:g}",
         f"steps count samples: scheduler.step(global_batch_size) each iteration "
         f"(global batch {cfg.train.global_batch_size}, {seq} tokens per sample)",
-        f"{'phase boundary':<28}{'iteration':>12}{'samples':>16}{'tokens':>12}",
     ]
+    return "\n".join(lines + _boundary_rows(derived, seq))
+
+
+def _boundary_rows(derived: Derived, seq: int) -> list[str]:
+    lines = [f"{'phase boundary':<28}{'iteration':>12}{'samples':>16}{'tokens':>12}"]
     for name, samples, iteration, tokens in derived.phase_rows(seq):
         lines.append(f"{name:<28}{iteration:>12}{_exact(samples):>16}{human(tokens):>12}")
-    return "\n".join(lines)
+    return lines
+
+
+def _torch_lines(cfg: ConfigContainer, s: TorchSchedule) -> list[str]:
+    """The torch schedule's class, kwargs and warmup, in place of Megatron's phase table."""
+    steps = "once per iteration"
+    if s.follows_metric:
+        steps = (f"on the validation loss after each evaluation (train.eval_interval = "
+                 f"{cfg.train.eval_interval} iterations), once the warmup is over")
+    lines = [f"schedule: {s.describe()}", f"steps: {steps}"]
+    if s.warmup_iters:
+        handover = "" if s.follows_metric else "; the schedule's iterations count from its end (SequentialLR)"
+        lines.append(f"warmup: {s.warmup_style} from {s.warmup_start_factor:g} x lr over {s.warmup_iters} "
+                     f"iterations{handover}")
+    lines.append(f"lr: from each param group's max_lr (optimizer.lr {s.max_lr:g}); "
+                 f"wd constant {s.weight_decay:g}")
+    return lines
 
 
 def _exact(samples: float) -> str:

@@ -2,7 +2,9 @@
 
 The config is composed and validated as the launcher does (same overrides, same one-line errors),
 then the scheduler's own ``lr_at`` / ``wd_at`` are drawn against iterations and consumed samples, the
-phases shaded, to a PNG and a CSV of the same points:
+phases shaded, to a PNG and a CSV of the same points. A ``torch.optim.lr_scheduler`` schedule
+(``scheduler=multistep``, ``onecycle``, ...) is drawn by stepping the real torch scheduler every
+iteration; ReduceLROnPlateau's is flat after the warmup, with a note that it follows the validation loss:
 
     anneal-plot-schedule recipe=qwen3_4b                                  # schedule.png, schedule.csv
     anneal-plot-schedule recipe=qwen3_4b --compare scheduler=cosine       # a second curve on top

@@ -10,6 +10,7 @@ from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
 from anneal.config.runtime import CheckpointConfig, DistributedConfig, LoggerConfig, RNGConfig
 from anneal.config.scheduler import SchedulerConfig
+from anneal.config.torch_scheduler import TorchSchedulerConfig
 from anneal.config.training import TrainingConfig
 from anneal.config.types import check_types
 from anneal.errors import ConfigError
@@ -20,7 +21,7 @@ class ConfigContainer:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig | TorchSchedulerConfig = field(default_factory=SchedulerConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -3,7 +3,9 @@
 Returned as frozen dataclasses, never written back into the config. Steps are samples, as in
 Megatron-Bridge (the loop calls ``scheduler.step(increment=global_batch_size)``); unlike Bridge,
 iteration counts are turned into samples through the batch ramp, so with ``rampup_batch_size``
-the warmup and decay still end exactly at the iterations the user asked for.
+the warmup and decay still end exactly at the iterations the user asked for. A
+``TorchSchedulerConfig`` derives to a ``TorchSchedule`` instead: torch schedules step once per
+iteration, so only their run-length kwargs are resolved here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from anneal.config.batch import BatchRamp
 from anneal.config.optimizer import OptimizerConfig
 from anneal.config.scheduler import DEFAULT_WSD_DECAY_FRACTION, SchedulerConfig
+from anneal.config.torch_scheduler import RUN_LENGTH_KWARGS, TorchSchedule, TorchSchedulerConfig
 from anneal.config.training import TrainingConfig
 from anneal.errors import ConfigError
 from anneal.scheduler.schedule import Schedule, phases, validate_schedule
@@ -20,22 +23,35 @@ from anneal.scheduler.schedule import Schedule, phases, validate_schedule
 
 @dataclass(frozen=True)
 class Derived:
-    schedule: Schedule
+    schedule: Schedule | TorchSchedule  # Megatron's, or a torch.optim.lr_scheduler schedule
     ramp: BatchRamp
     train_iters: int
     train_samples: int
 
     def phase_rows(self, seq_length: int) -> list[tuple[str, float, int, float]]:
         """(phase boundary, samples, iteration, tokens) rows for the dry run and the logs."""
+        if isinstance(self.schedule, TorchSchedule):
+            return self._torch_rows(seq_length)
         rows = []
         for name, samples in phases(self.schedule).rows(wd_ramp=self.schedule.wd_incr_style != "constant"):
             rows.append((name, samples, self.ramp.iterations_for(samples), samples * seq_length))
         rows.append(("end of training", self.train_samples, self.train_iters, self.train_samples * seq_length))
         return rows
 
+    def _torch_rows(self, seq_length: int) -> list[tuple[str, float, int, float]]:
+        rows = []
+        if self.schedule.warmup_iters:
+            warmup = self.ramp.samples_after(self.schedule.warmup_iters)
+            rows.append(("warmup end", warmup, self.schedule.warmup_iters, warmup * seq_length))
+        samples = self.train_samples
+        return [*rows, ("end of training", samples, self.train_iters, samples * seq_length)]
 
-def derive(train: TrainingConfig, optimizer: OptimizerConfig, scheduler: SchedulerConfig) -> Derived:
+
+def derive(train: TrainingConfig, optimizer: OptimizerConfig,
+           scheduler: SchedulerConfig | TorchSchedulerConfig) -> Derived:
     """Turn the three sections into the scheduler's ``Schedule`` and the run's length."""
+    if isinstance(scheduler, TorchSchedulerConfig):
+        return _derive_torch(train, optimizer, scheduler)
     ramp = _ramp(train)
     iteration_based = train.train_iters is not None
     _forbid_mixing(scheduler, iteration_based)
@@ -67,6 +83,47 @@ def derive(train: TrainingConfig, optimizer: OptimizerConfig, scheduler: Schedul
         lr_wsd_decay_style=scheduler.lr_wsd_decay_style,
     )
     validate_schedule(schedule, prefix="derived schedule ")
+    return Derived(schedule, ramp, train_iters, train_samples)
+
+
+def _derive_torch(train: TrainingConfig, optimizer: OptimizerConfig,
+                  scheduler: TorchSchedulerConfig) -> Derived:
+    """The ``TorchSchedule``: run-length kwargs filled in, checked against the run, built once on a dummy."""
+    ramp = _ramp(train)
+    if train.train_iters is not None:
+        train_iters, train_samples = train.train_iters, ramp.samples_after(train.train_iters)
+        length = f"train.train_iters ({train_iters})"
+    else:
+        train_samples, train_iters = train.train_samples, ramp.iterations_for(train.train_samples)
+        length = f"the run's {train_iters} iterations (train.train_samples {train_samples})"
+    if not scheduler.warmup_iters < train_iters:
+        raise ConfigError(f"scheduler.warmup_iters ({scheduler.warmup_iters}) must be < {length}")
+    after_warmup = train_iters - scheduler.warmup_iters
+    kwargs = dict(scheduler.kwargs)
+    run_length = RUN_LENGTH_KWARGS.get(scheduler.class_name)
+    if run_length is not None and kwargs.get(run_length) is None:
+        kwargs[run_length] = after_warmup
+    if scheduler.class_name == "OneCycleLR" and kwargs["total_steps"] < train_iters:
+        raise ConfigError(f"scheduler.kwargs.total_steps ({kwargs['total_steps']}) must be >= {length}: "
+                          "OneCycleLR cannot step past its last step (null: the whole run)")
+    if scheduler.class_name == "ReduceLROnPlateau" and not (train.eval_interval and train.eval_iters):
+        raise ConfigError(f"train.eval_interval ({train.eval_interval}) and train.eval_iters "
+                          f"({train.eval_iters}) must be set for scheduler.name ReduceLROnPlateau: it steps "
+                          "on the validation loss")
+    schedule = TorchSchedule(
+        name=scheduler.name,
+        kwargs=kwargs,
+        warmup_iters=scheduler.warmup_iters,
+        warmup_style=scheduler.warmup_style,
+        warmup_start_factor=scheduler.warmup_start_factor,
+        max_lr=optimizer.lr,
+        min_lr=_or(optimizer.min_lr, 0.0),
+        weight_decay=optimizer.weight_decay,
+        train_iters=train_iters,
+    )
+    from anneal.scheduler.torch_schedules import check_buildable  # imports torch
+
+    check_buildable(schedule)
     return Derived(schedule, ramp, train_iters, train_samples)
 
 

@@ -14,7 +14,6 @@ Mixed precision: with ``bf16`` / ``fp16`` this function casts the model's parame
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -29,7 +28,7 @@ from anneal.optim.flat_optimizer import FlatOptimizer
 from anneal.optim.loss_scaler import build_loss_scaler
 from anneal.optim.param_groups import get_param_groups
 from anneal.optim.update_rules import build_update_rule
-from anneal.scheduler import OptimizerParamScheduler, Schedule
+from anneal.scheduler import OptimizerParamScheduler, Schedule, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +53,7 @@ def setup_optimizer(
     dtype = model_dtype(optimizer_config)
     _cast_frozen_parameters(model, dtype)
     optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        **dataclasses.asdict(schedule),
-        use_checkpoint_opt_param_scheduler=scheduler_config.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=scheduler_config.override_opt_param_scheduler,
-    )
+    scheduler = build_scheduler(optimizer, scheduler_config, schedule)
     logger.info("optimizer: %s", optimizer.describe())
     return optimizer, scheduler
 

@@ -1,5 +1,10 @@
-"""Learning-rate and weight-decay schedules: Megatron's, exact, and the class that applies them."""
+"""Learning-rate and weight-decay schedules: Megatron's, exact, and the class that applies them.
 
+``build_scheduler`` also builds ``torch.optim.lr_scheduler`` schedules
+(``anneal.scheduler.torch_schedules``, which imports torch; this package does not).
+"""
+
+from anneal.scheduler.build import build_scheduler
 from anneal.scheduler.param_scheduler import LoadedField, LoadReport, OptimizerParamScheduler
 from anneal.scheduler.schedule import (
     LR_DECAY_STYLES,
@@ -22,6 +27,7 @@ __all__ = [
     "OptimizerParamScheduler",
     "Phases",
     "Schedule",
+    "build_scheduler",
     "lr_at",
     "phases",
     "validate_schedule",

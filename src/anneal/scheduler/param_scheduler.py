@@ -146,6 +146,9 @@ class OptimizerParamScheduler:
         group = param_group or {}
         return wd_at(s, self.num_steps, group.get("start_wd", s.start_wd), group.get("end_wd", s.end_wd))
 
+    def observe(self, metric: float) -> None:
+        """The validation loss after an evaluation: Megatron's schedules do not follow a metric."""
+
     def step(self, increment: float) -> None:
         """Advance by ``increment`` steps (anneal's loop passes the global batch size: samples)."""
         self.num_steps += increment

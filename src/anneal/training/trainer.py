@@ -89,14 +89,14 @@ class Trainer:
             s.iteration += 1
             loss_sum += loss
             iters_in_window += 1
-            if self.p.checkpointer is not None:
-                self.p.checkpointer.maybe_save(s)
             if s.iteration % self.log_interval == 0 or s.iteration == self.train_iters:
                 self._log(loss_sum / iters_in_window, result, lr, wd)
                 loss_sum.zero_()
                 iters_in_window = 0
             if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
                 self._log_eval()
+            if self.p.checkpointer is not None:  # after the evaluation, which a plateau schedule consumes
+                self.p.checkpointer.maybe_save(s)
             if self._should_exit():
                 break
 
@@ -160,7 +160,9 @@ class Trainer:
         self.metrics.log(record)
 
     def _log_eval(self) -> None:
-        self.metrics.log({"iteration": self.state.iteration, "valid_loss": self.evaluate()})
+        valid_loss = self.evaluate()
+        self.metrics.log({"iteration": self.state.iteration, "valid_loss": valid_loss})
+        self.p.scheduler.observe(valid_loss)  # ReduceLROnPlateau steps on it; other schedules ignore it
 
     def _should_exit(self) -> bool:
         interval = self.cfg.exit_interval

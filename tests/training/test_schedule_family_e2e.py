@@ -1,0 +1,105 @@
+"""Each torch schedule of the family trains through scripts/pretrain.py and resumes exactly from a checkpoint.
+
+Per schedule, two real processes: an 8-iteration run that saves at iteration 4 and goes on (the
+uninterrupted reference), and a run that loads that checkpoint and trains 5..8. Evaluations come at
+3 and 6, so the checkpoint at 4 holds ReduceLROnPlateau's state after the evaluation at 3. The
+pairs run three at a time to keep the module near a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from anneal_testing import ROOT
+
+pytestmark = pytest.mark.slow
+
+RUN = ["model.num_layers=1", "model.seq_length=32", "train.train_iters=8", "train.global_batch_size=4",
+       "train.micro_batch_size=2", "logger.log_interval=1", "train.eval_interval=3", "train.eval_iters=1",
+       "logger.plot_schedule=false", "dataset=mock", "dataset.mock_num_tokens=65536"]
+# Each shipped schedule, shrunk so that it moves within 8 iterations.
+FAMILY = {
+    "multistep": ["scheduler.warmup_iters=2", "scheduler.kwargs.milestones=[2,4]"],
+    "exponential": ["scheduler.warmup_iters=2", "scheduler.kwargs.gamma=0.8"],
+    "cyclic_triangular": ["scheduler.kwargs.step_size_up=2"],
+    "cyclic_triangular2": ["scheduler.kwargs.step_size_up=2"],
+    "cyclic_exp_range": ["scheduler.kwargs.step_size_up=2", "scheduler.kwargs.gamma=0.9"],
+    "onecycle": [],
+    "cosine_warmup": ["scheduler.warmup_iters=2"],
+    # Any validation loss short of halving counts as no improvement: the lr halves at the evaluation at 6.
+    "plateau": ["scheduler.warmup_iters=2", "scheduler.kwargs.patience=0", "scheduler.kwargs.threshold=0.5",
+                "logger.plot_schedule=true"],
+    "exponential_warmup_multistep": ["scheduler.warmup_iters=3", "scheduler.kwargs.milestones=[2,4]"],
+}
+KEYS = ("lr", "weight_decay", "scheduler_num_steps", "loss", "grad_norm")
+
+
+def _pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    dropped = ("ANNEAL_FAULT", "ANNEAL_FULL_ERROR", "HYDRA_FULL_ERROR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    args = [*RUN, *overrides, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("family")
+
+    def pair(name: str) -> dict:
+        base = root / name
+        overrides = [f"scheduler={name}", *FAMILY[name]]
+        _pretrain(base / "straight", *overrides, f"checkpoint.save={base / 'ck'}",
+                  "checkpoint.save_interval=4")
+        resumed = _pretrain(base / "resumed", *overrides, f"checkpoint.load={base / 'ck' / 'iter_0000004'}")
+        return {"straight": _records(base / "straight"), "resumed": _records(base / "resumed"),
+                "stdout": resumed.stdout, "dir": base}
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(FAMILY, pool.map(pair, FAMILY)))
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_schedule_trains_and_resumes_to_the_uninterrupted_lrs(runs: dict, name: str) -> None:
+    straight, resumed = runs[name]["straight"], runs[name]["resumed"]
+    assert sorted(straight) == list(range(1, 9)) and sorted(resumed) == [5, 6, 7, 8]
+    assert "resumed from" in runs[name]["stdout"] and "(strict mode)" in runs[name]["stdout"]
+    for it in resumed:
+        assert [resumed[it][k] for k in KEYS] == [straight[it][k] for k in KEYS], f"iteration {it} differs"
+    assert len({straight[it]["lr"] for it in straight}) >= 3, "the schedule should move within the run"
+
+
+@pytest.mark.parametrize("name", sorted(set(FAMILY) - {"plateau"}))
+def test_logged_lr_is_the_previewed_lr(runs: dict, name: str) -> None:
+    from anneal.config.compose import load
+    from anneal.plot import curve
+
+    cfg = load([*RUN, f"scheduler={name}", *FAMILY[name]])
+    derived = cfg.validate()
+    c = curve(derived.schedule, derived.ramp, derived.train_iters, points=0)
+    assert c.lr == [runs[name]["straight"][it]["lr"] for it in range(1, 9)]
+
+
+def test_plateau_halves_the_lr_after_a_stalled_evaluation(runs: dict) -> None:
+    lrs = {it: r["lr"] for it, r in runs["plateau"]["straight"].items()}
+    evaluations = [json.loads(line) for line in (runs["plateau"]["dir"] / "straight" / "metrics.jsonl")
+                   .read_text().splitlines() if "valid_loss" in line]
+    assert [e["iteration"] for e in evaluations] == [3, 6]
+    assert lrs[3] == lrs[4] == lrs[5] == lrs[6]  # warmup over; the evaluation at 3 sets the best loss
+    assert lrs[7] == lrs[6] * 0.5 == lrs[8]  # the one at 6 did not halve the loss: the lr is halved
+    assert (runs["plateau"]["dir"] / "straight" / "schedule.png").stat().st_size > 10_000
