@@ -38,16 +38,8 @@ def distributed_fused_adam_with_cosine_annealing(
     """
     optimizer = _distributed_adam(precision, adam_beta1, adam_beta2, adam_eps, weight_decay, max_lr, min_lr,
                                   clip_grad)
-    scheduler = SchedulerConfig(
-        lr_decay_style="cosine",
-        lr_warmup_iters=lr_warmup_iters,
-        lr_warmup_init=0.0,
-        lr_decay_iters=lr_decay_iters,
-        start_weight_decay=start_weight_decay,
-        end_weight_decay=end_weight_decay,
-        weight_decay_incr_style=weight_decay_incr_style,
-        override_opt_param_scheduler=True,
-    )
+    scheduler = _scheduler("cosine", lr_warmup_iters, lr_decay_iters, start_weight_decay, end_weight_decay,
+                           weight_decay_incr_style)
     return optimizer, scheduler
 
 
@@ -77,18 +69,9 @@ def distributed_fused_adam_with_wsd(
     """
     optimizer = _distributed_adam(precision, adam_beta1, adam_beta2, adam_eps, weight_decay, max_lr, min_lr,
                                   clip_grad)
-    scheduler = SchedulerConfig(
-        lr_decay_style="WSD",
-        lr_warmup_iters=lr_warmup_iters,
-        lr_warmup_init=0.0,
-        lr_decay_iters=lr_decay_iters,
-        lr_wsd_decay_style=lr_wsd_decay_style,
-        lr_wsd_decay_iters=lr_wsd_decay_iters,
-        start_weight_decay=start_weight_decay,
-        end_weight_decay=end_weight_decay,
-        weight_decay_incr_style=weight_decay_incr_style,
-        override_opt_param_scheduler=True,
-    )
+    scheduler = _scheduler("WSD", lr_warmup_iters, lr_decay_iters, start_weight_decay, end_weight_decay,
+                           weight_decay_incr_style, lr_wsd_decay_style=lr_wsd_decay_style,
+                           lr_wsd_decay_iters=lr_wsd_decay_iters)
     return optimizer, scheduler
 
 
@@ -108,3 +91,11 @@ def _distributed_adam(precision: str, beta1: float, beta2: float, eps: float, we
         bf16=precision == "bf16-mixed",
         fp16=precision == "16-mixed",
     )
+
+
+def _scheduler(style: str, warmup_iters: int, decay_iters: int | None, start_wd: float, end_wd: float,
+               wd_incr_style: str, **wsd) -> SchedulerConfig:
+    """Bridge's scheduler half: linear warmup from 0, ``override_opt_param_scheduler`` on."""
+    return SchedulerConfig(lr_decay_style=style, lr_warmup_iters=warmup_iters, lr_warmup_init=0.0,
+                           lr_decay_iters=decay_iters, start_weight_decay=start_wd, end_weight_decay=end_wd,
+                           weight_decay_incr_style=wd_incr_style, override_opt_param_scheduler=True, **wsd)

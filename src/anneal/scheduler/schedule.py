@@ -77,8 +77,8 @@ def validate_schedule(s: Schedule, prefix: str = "") -> None:
         raise ConfigError(
             f"{p}start_wd ({s.start_wd}) must equal {p}end_wd ({s.end_wd}) when {p}wd_incr_style is 'constant'"
         )
-    if s.wd_incr_style != "constant" and not s.wd_incr_steps > 0:
-        raise ConfigError(
+    if s.wd_incr_style != "constant" and s.wd_incr_steps == 0:  # Megatron divides by it (a negative
+        raise ConfigError(  # count never reaches the division: Megatron accepts it, and so does anneal)
             f"{p}wd_incr_steps ({s.wd_incr_steps}) must be > 0 when {p}wd_incr_style is {s.wd_incr_style!r}"
         )
 
