@@ -69,14 +69,31 @@ def _wall(*args: str) -> float:
     return time.perf_counter() - start
 
 
+def _time_to_schedule() -> float:
+    """Seconds until a dry run has printed the derived schedule (the plan, which imports torch, follows)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, PRETRAIN, "dry_run=true"], stdout=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("end of training"):
+            elapsed = time.perf_counter() - start
+            break
+    else:
+        raise RuntimeError("the dry run printed no schedule")
+    proc.wait()
+    return elapsed
+
+
 def startup(repeats: int) -> dict[str, Stat]:
     runs = interleaved({"first_iteration": _time_to_first_iteration,
                         "import_torch": lambda: _wall("-c", "import torch"),
                         "dry_run": lambda: _wall(PRETRAIN, "dry_run=true"),
+                        "dry_run_schedule": _time_to_schedule,
                         "dry_run_qwen3_4b": lambda: _wall(PRETRAIN, "recipe=qwen3_4b", "dry_run=true")},
                        repeats=repeats)
     return {"time_to_first_iteration_s": Stat.of(runs["first_iteration"], "s"),
             "import_torch_s": Stat.of(runs["import_torch"], "s"),
             "first_iteration_vs_import_torch": ratios(runs["first_iteration"], runs["import_torch"]),
             "dry_run_s": Stat.of(runs["dry_run"], "s"),
+            "dry_run_schedule_printed_s": Stat.of(runs["dry_run_schedule"], "s"),
             "dry_run_qwen3_4b_s": Stat.of(runs["dry_run_qwen3_4b"], "s")}

@@ -76,8 +76,12 @@ def data_parallel_sizes() -> tuple[int, ...]:
 
 
 def report(cfg: ConfigContainer, derived: Derived) -> str:
+    return "\n".join(report_parts(cfg, derived))
+
+
+def report_parts(cfg: ConfigContainer, derived: Derived):
+    """The report in two parts: config and schedule at once, then the plan, which imports torch."""
+    yield "\n".join(["# resolved config", to_yaml(cfg), "# derived", schedule_table(cfg, derived)])
     from anneal.planner import plan, plan_table
 
-    resources = plan_table(plan(cfg, derived.train_samples, data_parallel_sizes()), cfg)
-    return "\n".join(["# resolved config", to_yaml(cfg), "# derived", schedule_table(cfg, derived),
-                      "# plan", resources])
+    yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, data_parallel_sizes()), cfg)])

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         fail(error)
     if cfg.dry_run and not args.hydra_only:
-        from anneal.cli.dry_run import report
+        from anneal.cli.dry_run import report_parts
 
-        print(report(cfg, derived), flush=True)
+        for part in report_parts(cfg, derived):  # the schedule shows before torch is imported
+            print(part, flush=True)
         return
     sys.argv = [sys.argv[0], *argv, *_rank_overrides(argv)]
     _hydra_main()
