@@ -103,6 +103,7 @@ def readme_table(payload: dict) -> str:
         if key in results:
             r = results[key]
             lines.append(f"| {label} | {r['median']:.3g} | {r['min']:.3g} – {r['max']:.3g} |")
+    lines += ["", f"GPU figures (tokens/s, TFLOP/s, MFU of Qwen3 0.6B/1.7B in bf16): {payload['gpu']}."]
     return "\n".join(lines)
 
 
