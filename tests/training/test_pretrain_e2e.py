@@ -92,3 +92,33 @@ def test_two_nodes_on_loopback_complete(tmp_path: Path) -> None:
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert "2 rank(s)" in "".join(outputs)
     assert [r["iteration"] for r in _records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_rampup_changes_the_batch_and_keeps_the_schedule_exact(tmp_path: Path) -> None:
+    ramp = [*SMALL, "train.rampup_batch_size=[2,2,16]", "train.eval_interval=null"]
+    result = run_cli(*ramp, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(tmp_path)
+    samples = [r["consumed_samples"] for r in records]
+    batches = [b - a for a, b in zip([0, *samples], samples)]
+    assert batches[0] == 2 and batches[-1] == 8 and batches == sorted(batches)  # the batch grows to 8
+    assert [r["scheduler_num_steps"] for r in records] == samples  # steps are exactly the samples consumed
+    assert [r["lr"] for r in records] == _planned_lr(ramp, [r["iteration"] for r in records])
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path: Path) -> None:
+    import signal
+
+    args = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *SMALL, "train.train_iters=200",
+            "train.eval_interval=null", f"checkpoint.save={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("[  3/200"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    assert "SIGTERM: stopping cleanly after iteration" in rest
+    stopped = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped < 200 and (tmp_path / "ck" / f"iter_{stopped:07d}" / "manifest.json").is_file()
