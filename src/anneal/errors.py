@@ -1,4 +1,8 @@
-"""The one error type anneal raises for bad user input."""
+"""anneal's errors: ``ConfigError`` for bad user input (exit 2), ``RunError`` for a run that failed (exit 1).
+
+Both are ``AnnealError``: their message is complete on its own, so the launcher prints it as one
+line without the exception's type (see ``anneal.exits``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,19 @@ import difflib
 from collections.abc import Iterable
 
 
-class ConfigError(ValueError):
+class AnnealError(Exception):
+    """An error whose message alone tells the user what failed (printed as one line)."""
+
+
+class RunError(AnnealError, RuntimeError):
+    """The run failed after it started (divergence, a full disk, a stalled rank): exit code 1.
+
+    The message names what failed, the iteration when there is one, and what to do next
+    (for example which checkpoint to resume from).
+    """
+
+
+class ConfigError(AnnealError, ValueError):
     """A configuration value breaks a rule.
 
     The message starts with the dotted path of the field (``scheduler.lr_warmup_iters``),

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from anneal_testing import ROOT, run_cli
+from anneal_testing import ROOT, free_port, metrics_by_iteration as _records
 
 pytestmark = pytest.mark.slow
 
 RUN = ["model.num_layers=1", "model.seq_length=32", "train.train_iters=20", "train.global_batch_size=8",
        "train.micro_batch_size=2", "scheduler.lr_warmup_iters=3", "logger.log_interval=1",
        "train.eval_interval=null", "logger.plot_schedule=false"]
-
-
-def _records(run_dir: Path) -> dict[int, dict]:
-    """Per iteration, the last record logged for it (a resumed run appends to the same file)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["iteration"]: r for r in map(json.loads, lines) if "loss" in r}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pretrain(run_dir: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
@@ -41,7 +27,7 @@ def _pretrain(run_dir: Path, *overrides: str, nproc: int = 1, fault: str | None 
         cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), *torchrun_args, str(ROOT / "scripts" / "pretrain.py"), *args]
+               str(free_port()), *torchrun_args, str(ROOT / "scripts" / "pretrain.py"), *args]
     return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -14,7 +13,7 @@ from anneal.checkpoint import files
 from anneal.checkpoint.files import SaveDirLock
 from anneal.checkpoint.safe_reader import read_metadata_file
 from anneal.errors import ConfigError
-from anneal_testing import run_cli
+from anneal_testing import metrics_by_iteration, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +27,7 @@ def _run(tmp: Path, *overrides: str):
 
 
 def _records(tmp: Path) -> dict[int, dict]:
-    lines = (tmp / "run" / "metrics.jsonl").read_text().splitlines()
-    return {r["iteration"]: r for r in map(json.loads, lines) if "loss" in r}
+    return metrics_by_iteration(tmp / "run")
 
 
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:

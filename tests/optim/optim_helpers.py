@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anneal.config.optimizer import OptimizerConfig
+from anneal_testing import free_port as _free_port
 from anneal.optim import get_param_groups, setup_optimizer
 from anneal.scheduler import OptimizerParamScheduler, Schedule
 
@@ -197,9 +197,3 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from anneal_testing import ROOT, run_cli
+from anneal_testing import ROOT, free_port, metrics_by_iteration, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +19,7 @@ SMALL = ["model.num_layers=2", "model.seq_length=64", "train.train_iters=12", "t
 
 
 def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return list(metrics_by_iteration(run_dir).values())
 
 
 def _torchrun(args: list[str], cwd: Path, *, timeout: float = 240, **env) -> subprocess.CompletedProcess:
@@ -68,7 +59,7 @@ def test_loss_falls(single_run: list[dict]) -> None:
 
 
 def test_two_gloo_ranks_match_one_process(single_run: list[dict], tmp_path: Path) -> None:
-    args = ["--nproc-per-node", "2", "--master-port", str(_free_port()), str(ROOT / "scripts" / "pretrain.py"),
+    args = ["--nproc-per-node", "2", "--master-port", str(free_port()), str(ROOT / "scripts" / "pretrain.py"),
             *SMALL, "optimizer=distributed_fused_adam", f"hydra.run.dir={tmp_path}"]
     result = _torchrun(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,7 +70,7 @@ def test_two_gloo_ranks_match_one_process(single_run: list[dict], tmp_path: Path
 
 
 def test_two_nodes_on_loopback_complete(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "anneal-two-nodes",
               str(ROOT / "scripts" / "pretrain.py"), *SMALL, "train.train_iters=4", "train.eval_interval=null",

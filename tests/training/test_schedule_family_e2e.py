@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from anneal_testing import ROOT
+from anneal_testing import metrics_by_iteration as _records
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +51,6 @@ def _pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
-
-
-def _records(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["iteration"]: r for r in map(json.loads, lines) if "loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.bench.stats import Stat, interleaved, ratios
-from anneal.optim.bench import BYTES_PER_PARAM, build_anneal, make_model
+from anneal.optim.bench import BYTES_PER_PARAM, build_anneal, free_port, make_model
 
 INPLACE_BYTES = 400_000_000
 
@@ -52,14 +52,10 @@ def _state_worker(rank: int, world: int, port: int, num_params: int, out: str) -
 
 def state_figures(num_params: int = 10_000_000) -> dict[str, Stat]:
     """Per-rank optimizer-state bytes of the distributed optimizer at 1 and at 2 gloo ranks."""
-    import socket
-
     import torch.multiprocessing as mp
 
     one = build_anneal(make_model(num_params), 0.0, None).state_bytes()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bytes")
         mp.start_processes(_state_worker, args=(2, port, num_params, out), nprocs=2, start_method="spawn")

@@ -1,7 +1,8 @@
 """``anneal-pretrain`` / ``scripts/pretrain.py``: compose, validate, then dry-run or train.
 
 The config is composed and validated before Hydra sets up a run directory and before any
-process group or model exists; a bad value exits with one line on stderr (exit code 2).
+process group or model exists; a bad value exits with one line on stderr (exit code 2). A run
+that fails prints one line and exits 1; see ``anneal.exits`` for every code.
 Set ANNEAL_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) for the traceback.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
+from collections.abc import Callable
+
+from anneal import exits
 from anneal.cli import args as cli_args
 from anneal.errors import ConfigError
 
@@ -49,10 +53,29 @@ def _rank_overrides(argv: list[str]) -> list[str]:
 
 
 def fail(error: ConfigError) -> None:
-    if os.environ.get("ANNEAL_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if exits.full_error_requested():
         raise error
-    print(f"anneal: error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exits.report(error)
+    sys.exit(exits.CONFIG)
+
+
+def guarded(fn: Callable[[], int]) -> int:
+    """``fn()``'s exit code; an exception becomes its one line on stderr and code 2 or 1."""
+    try:
+        return fn()
+    except Exception as error:
+        if exits.full_error_requested():
+            raise
+        exits.report(error)
+        return exits.CONFIG if isinstance(error, ConfigError) else exits.FAILED
+
+
+def _train(dict_cfg) -> int:
+    from anneal.config.compose import instantiate
+    from anneal.training.run import run
+
+    cfg = instantiate(dict_cfg)
+    return run(cfg, cfg.validate())
 
 
 def _hydra_main() -> None:
@@ -60,16 +83,7 @@ def _hydra_main() -> None:
 
     @hydra.main(config_path="pkg://anneal.conf", config_name="config", version_base=None)
     def task(dict_cfg) -> None:
-        from anneal.config.compose import instantiate
-
-        try:
-            cfg = instantiate(dict_cfg)
-            derived = cfg.validate()
-            from anneal.training.run import run
-
-            run(cfg, derived)
-        except ConfigError as error:
-            fail(error)
+        exits.leave(guarded(lambda: _train(dict_cfg)))
 
     task()
 

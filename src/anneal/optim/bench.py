@@ -172,7 +172,7 @@ def two_rank_results(num_params: int, repeats: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        args = (2, _free_port(), num_params, repeats, out)
+        args = (2, free_port(), num_params, repeats, out)
         mp.start_processes(_spawn_entry, args=args, nprocs=2, start_method="spawn")
         return torch.load(out)
 
@@ -181,7 +181,7 @@ def _spawn_entry(rank: int, *args) -> None:
     two_rank_worker(rank, *args)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

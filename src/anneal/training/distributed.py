@@ -3,7 +3,8 @@
 Two gloo pitfalls measured on these machines (shared/PLATFORM.md) shape this module:
 restarted workers must not read the previous attempt's addresses from the shared store, so the
 store is prefixed by the restart count; and a worker can crash at interpreter exit after a
-collective, so ``shutdown`` destroys the group, flushes and leaves with ``os._exit``.
+collective, so ``shutdown`` destroys the group and ``anneal.exits.leave`` then exits with
+``os._exit``, keeping the run's exit code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from anneal.config.runtime import DistributedConfig
+
+_joined = False  # set once this process has joined a process group
 
 
 @dataclass(frozen=True)
@@ -71,19 +74,25 @@ def init_distributed(cfg: DistributedConfig) -> DistContext:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
     store = _job_store(timeout)
+    global _joined
+    _joined = True
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     return DistContext(rank, world_size, local_rank, device, backend)
 
 
-def shutdown(ctx: DistContext, exit_code: int = 0) -> None:
-    """Leave the job without the crash-at-exit of pytorch#190489 (a no-op for a single process)."""
-    if ctx.backend is None:
+def joined_a_group() -> bool:
+    """True once this process joined a process group: it must leave through ``os._exit``."""
+    return _joined
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Destroy the process group (a no-op for a single process); the caller then leaves with its code."""
+    if ctx.backend is None or not dist.is_initialized():
         return
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from anneal import exits
 from anneal.checkpoint import files
 from anneal.checkpoint.checkpointer import Checkpointer
 from anneal.checkpoint.files import SaveDirLock
@@ -35,7 +36,8 @@ def run_dir() -> Path:
         return Path("outputs") / "run"
 
 
-def run(cfg: ConfigContainer, derived: Derived) -> None:
+def run(cfg: ConfigContainer, derived: Derived) -> int:
+    """Train; return the exit code (``anneal.exits``). Errors propagate after the process group is gone."""
     check_world(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))  # before any group or model exists
     train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
                                             vocab_size=cfg.model.vocab_size)
@@ -68,6 +70,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> None:
             metrics.info(f"schedule plot: {png}")
         metrics.info(f"done: {trainer.state.iteration} iterations, metrics in {metrics.path}")
         metrics.close()
+        return exits.OK
     finally:
         if lock is not None:
             lock.release()

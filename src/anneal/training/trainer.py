@@ -84,12 +84,14 @@ class Trainer:
         while s.iteration < self.train_iters:
             if self._kill_at == s.iteration + 1:
                 kill_self()  # test hook: SIGKILL as this iteration starts
-            lr, wd = self._applied_lr_wd()
+            logging_step = (s.iteration + 1) % self.log_interval == 0 or s.iteration + 1 == self.train_iters
+            if logging_step:  # read before the step: the lr/wd this iteration's update applies
+                lr, wd = self._applied_lr_wd()
             loss, result = self.train_step()
             s.iteration += 1
             loss_sum += loss
             iters_in_window += 1
-            if s.iteration % self.log_interval == 0 or s.iteration == self.train_iters:
+            if logging_step:
                 self._log(loss_sum / iters_in_window, result, lr, wd)
                 loss_sum.zero_()
                 iters_in_window = 0
@@ -97,7 +99,7 @@ class Trainer:
                 self._log_eval()
             if self.p.checkpointer is not None:  # after the evaluation, which a plateau schedule consumes
                 self.p.checkpointer.maybe_save(s)
-            if self._should_exit():
+            if self._should_exit(logging_step):
                 break
 
     def train_step(self) -> tuple[torch.Tensor, Any]:
@@ -164,9 +166,13 @@ class Trainer:
         self.metrics.log({"iteration": self.state.iteration, "valid_loss": valid_loss})
         self.p.scheduler.observe(valid_loss)  # ReduceLROnPlateau steps on it; other schedules ignore it
 
-    def _should_exit(self) -> bool:
+    def _should_exit(self, logging_step: bool) -> bool:
         interval = self.cfg.exit_interval
         by_interval = bool(interval) and self.state.iteration % interval == 0
+        # Ranks agree on a SIGTERM with a collective, so only on logging steps (where the loop syncs
+        # anyway) or at an exit interval; a single process needs no agreement and checks every step.
+        if not (self.ctx.backend is None or logging_step or by_interval):
+            return False
         if any_rank(self.stop_requested, self.ctx):
             self.metrics.info(f"SIGTERM: stopping cleanly after iteration {self.state.iteration}")
             return True
