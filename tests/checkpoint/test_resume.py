@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from anneal_testing import ROOT, free_port, metrics_by_iteration as _records
+from anneal_testing import metrics_by_iteration as _records
+from ckpt_helpers import pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -18,17 +17,8 @@ RUN = ["model.num_layers=1", "model.seq_length=32", "train.train_iters=20", "tra
        "train.eval_interval=null", "logger.plot_schedule=false"]
 
 
-def _pretrain(run_dir: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
-              torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ANNEAL_FAULT"}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **({"ANNEAL_FAULT": fault} if fault else {})})
-    args = [*RUN, *overrides, f"hydra.run.dir={run_dir}"]
-    if nproc == 1 and not torchrun_args:
-        cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(free_port()), *torchrun_args, str(ROOT / "scripts" / "pretrain.py"), *args]
-    return subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=300)
+def _pretrain(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    return pretrain(run_dir, *RUN, *overrides, **kwargs)
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,10 @@ from anneal.checkpoint import files
 from anneal.checkpoint.files import SaveDirLock
 from anneal.checkpoint.safe_reader import read_metadata_file
 from anneal.errors import ConfigError
-from anneal_testing import metrics_by_iteration, run_cli
+from anneal_testing import metrics_by_iteration
+from ckpt_helpers import BASE, error_line, run as _run
 
 pytestmark = pytest.mark.slow
-
-BASE = ["model.num_layers=1", "model.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=4",
-        "scheduler.lr_warmup_iters=2", "logger.log_interval=1", "train.eval_interval=null",
-        "logger.plot_schedule=false"]
-
-
-def _run(tmp: Path, *overrides: str):
-    return run_cli(*BASE, *overrides, f"hydra.run.dir={tmp / 'run'}", cwd=tmp, timeout=240)
 
 
 def _records(tmp: Path) -> dict[int, dict]:
@@ -33,22 +25,6 @@ def _records(tmp: Path) -> dict[int, dict]:
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in directory.rglob("*") if p.is_file() and p.name != ".lock"}
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    """A save directory holding the checkpoint of iteration 10 of a 20-iteration cosine run (lr 3e-3)."""
-    tmp = tmp_path_factory.mktemp("saved")
-    result = _run(tmp, "train.train_iters=20", "train.exit_interval=10", f"checkpoint.save={tmp / 'ck'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp / "ck"
-
-
-@pytest.fixture
-def ck(saved: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "ck"
-    shutil.copytree(saved, copy)
-    return copy
 
 
 def _planned_lr(overrides: list[str], iteration: int) -> float:
@@ -108,7 +84,17 @@ def test_damaged_checkpoint_is_refused_naming_the_file(ck: Path, tmp_path: Path,
     assert result.returncode == 2
     assert str(data) in result.stderr
     assert ("truncated" if damage == "truncate" else "checksum") in result.stderr
+    assert f"the previous good checkpoint is iteration 5: checkpoint.load={ck / 'iter_0000005'}" in result.stderr
     assert _snapshot(ck) == before
+
+
+def test_a_damaged_fallback_is_not_suggested(ck: Path, tmp_path: Path) -> None:
+    for iteration in ("0000010", "0000005"):
+        data = ck / f"iter_{iteration}" / "__0_0.distcp"
+        data.write_bytes(data.read_bytes()[:100])
+    result = _run(tmp_path, "train.train_iters=20", f"checkpoint.load={ck}")
+    assert result.returncode == 2
+    assert error_line(result).endswith(f"(truncated?); no earlier checkpoint in {ck} passes verification")
 
 
 def test_foreign_directory_is_not_a_checkpoint(tmp_path: Path) -> None:

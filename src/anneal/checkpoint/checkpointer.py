@@ -2,8 +2,9 @@
 
 Tensors go through ``torch.distributed.checkpoint`` (DCP), so a checkpoint saved by N ranks loads
 on M; everything else is JSON. Loading verifies the manifest first and reads DCP's metadata with a
-restricted unpickler: a truncated, corrupted or foreign checkpoint is refused with the file named,
-and a failed load writes nothing.
+restricted unpickler: a truncated, corrupted or foreign checkpoint is refused with the file named and
+the earlier checkpoint to fall back to, and a failed load writes nothing. A save writes nothing when
+the state is not finite or the disk too small, and a failed save removes what it wrote (``guards``).
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ import os
 import shutil
 import warnings
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from anneal.checkpoint import files
+from anneal.checkpoint import files, guards
 from anneal.checkpoint.safe_reader import SafeFileSystemReader
 from anneal.config.runtime import CheckpointConfig
-from anneal.errors import ConfigError
-from anneal.faults import fault_iteration, kill_self
+from anneal.errors import ConfigError, RunError
+from anneal.scheduler.protocol import ParamScheduler
+from anneal.faults import fault_iteration, kill_self, no_space, pause
 from anneal.training.distributed import DistContext
 from anneal.training.trainer import TrainState
 
@@ -68,9 +72,10 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                 ctx: DistContext, config_yaml: str, report: Any = print) -> None:
+    def __init__(self, cfg: CheckpointConfig, *, model: torch.nn.Module, optimizer: Any, scheduler: ParamScheduler,
+                 ctx: DistContext, config_yaml: str, report: Any = print, lineage: dict | None = None) -> None:
         self.cfg = cfg
+        self.lineage = lineage  # anneal.resume's record of where this run comes from, saved in every checkpoint
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -80,43 +85,110 @@ class Checkpointer:
         self.save_dir = Path(cfg.save) if cfg.save else None
         self._last_saved: int | None = None
         self._crash_in_save = fault_iteration("crash_in_save", ctx.rank)
+        self._pause_in_save = fault_iteration("pause_in_save", ctx.rank)
+        self._enospc_in_save = fault_iteration("enospc_in_save", ctx.rank)
+        self._nonfinite_in_save = fault_iteration("nonfinite_in_save", ctx.rank)
 
     # -- saving ---------------------------------------------------------------------------------
+    def due(self, state: TrainState) -> bool:
+        """Whether ``maybe_save`` would save at this iteration (without ``force``)."""
+        interval = self.cfg.save_interval
+        return (self.save_dir is not None and self._last_saved != state.iteration and state.iteration > 0
+                and bool(interval) and state.iteration % interval == 0)
+
     def maybe_save(self, state: TrainState, *, force: bool = False) -> None:
         if self.save_dir is None or self._last_saved == state.iteration or state.iteration == 0:
             return
-        interval = self.cfg.save_interval
-        if force or (interval and state.iteration % interval == 0):
+        if force or self.due(state):
             self.save(state)
 
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint in the save directory (the tracker's), or None."""
+        return files.latest(self.save_dir) if self.save_dir is not None and self.save_dir.is_dir() else None
+
     def save(self, state: TrainState) -> Path:
-        save, it, main = self.save_dir, state.iteration, self.ctx.is_main
-        part, final = files.partial_dir(save, it), files.iter_dir(save, it)
-        if main:
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir(parents=True)
-        self._barrier()
+        """Write the checkpoint of ``state.iteration`` and mark it latest; prune only after that.
+
+        Nothing is written (and nothing removed) when the state is not finite on some rank or the
+        disk is too small; a save that fails midway leaves no partial directory. Both raise
+        RunError on every rank, naming the checkpoint that is still the latest.
+        """
+        it = state.iteration
+        if self._nonfinite_in_save == it:
+            _poison(self.model)  # test hook: a diverged rank
         tensors, plain = split_tensors(self._state_dict())
-        # Two writer threads; DCP fsyncs every file, so a checkpoint marked latest survives a node crash.
-        _quiet(dcp.save, tensors, storage_writer=dcp.FileSystemWriter(str(part), thread_count=2))
-        if self._crash_in_save == it:
-            kill_self()  # test hook: die with the checkpoint half written
-        if main:
-            meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
-                    "param_group_bounds": _group_bounds(self.optimizer.param_groups),
-                    "world_size": self.ctx.world_size}
-            (part / files.STATE).write_text(json.dumps(meta, indent=1))
-            (part / "config.yaml").write_text(self.config_yaml)
-            files.write_manifest(part)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(part, final)
-            files.write_atomic(save / files.TRACKER, f"{it}\n")
-            if self.cfg.most_recent_k:
-                files.prune(save, self.cfg.most_recent_k, final)
+        self._check_finite(tensors, it)
+        part, final = files.partial_dir(self.save_dir, it), files.iter_dir(self.save_dir, it)
+        settle = partial(self._settle, it=it, part=part)
+        settle(self._on_main(lambda: self._prepare(part, tensors, it), it))
+        settle(self._gathered(_attempt(lambda: self._write_tensors(tensors, part, it), it, self.save_dir)))
+        settle(self._on_main(lambda: self._finish(state, plain, part, final), it), final=final)
+        if self.ctx.is_main and self.cfg.most_recent_k:
+            files.prune(self.save_dir, self.cfg.most_recent_k, final)  # only after a complete, finite save
         self._barrier()
         self._last_saved = it
         log.info("saved checkpoint %s", final)
         return final
+
+    def _check_finite(self, tensors: Any, it: int) -> None:
+        """Every rank checks its own state; one all_reduce agrees (this runs only at save steps)."""
+        bad = guards.first_nonfinite(tensors)
+        ranks = self._count(bad is not None)
+        if ranks:
+            where = bad if bad is not None else "on another rank"
+            raise RunError(f"iteration {it}: non-finite values in the model or optimizer state ({where}; "
+                           f"{ranks} rank(s)): nothing was saved and no checkpoint removed; "
+                           f"{guards.resume_hint(self.save_dir)}")
+
+    def _prepare(self, part: Path, tensors: Any, it: int) -> str:
+        shutil.rmtree(part, ignore_errors=True)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        short = guards.space_shortfall(self.save_dir, guards.state_bytes(tensors))
+        if short:
+            return (f"no space left on device while saving iteration {it} to {self.save_dir} "
+                    f"({short}; nothing written)")
+        part.mkdir(parents=True)
+        return ""
+
+    def _write_tensors(self, tensors: Any, part: Path, it: int) -> None:
+        # Two writer threads; DCP fsyncs every file, so a checkpoint marked latest survives a node crash.
+        with guards.writer_thread_errors() as thread_errors:
+            _quiet(dcp.save, tensors, storage_writer=dcp.FileSystemWriter(str(part), thread_count=2))
+        if thread_errors:
+            raise thread_errors[0]
+        if self._crash_in_save == it:
+            kill_self()  # test hook: die with the checkpoint half written
+        if self._pause_in_save == it:
+            pause()  # test hook: a slow save, to be interrupted
+        if self._enospc_in_save == it:
+            raise no_space(part)  # test hook: the disk fills up mid-save
+
+    def _finish(self, state: TrainState, plain: Any, part: Path, final: Path) -> str:
+        meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
+                "param_group_bounds": _group_bounds(self.optimizer.param_groups),
+                "world_size": self.ctx.world_size, "lineage": self.lineage}
+        (part / files.STATE).write_text(json.dumps(meta, indent=1))
+        (part / "config.yaml").write_text(self.config_yaml)
+        files.write_manifest(part)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(part, final)
+        files.write_atomic(self.save_dir / files.TRACKER, f"{state.iteration}\n")
+        return ""
+
+    def _on_main(self, step, it: int) -> str:
+        """Run ``step`` on rank 0; every rank gets its error line ("" when it succeeded)."""
+        return self._broadcast(_attempt(step, it, self.save_dir) if self.ctx.is_main else "")
+
+    def _settle(self, error: str, it: int, part: Path, final: Path | None = None) -> None:
+        """After a failed step: remove what this save wrote (never the latest), then raise on every rank.
+
+        ``final`` is given once the finished checkpoint may have been renamed into place.
+        """
+        if not error:
+            return
+        if self.ctx.is_main:
+            files.discard_save(self.save_dir, part, final)
+        raise RunError(f"{error}; {guards.latest_phrase(self.save_dir)}")
 
     def _state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -127,6 +199,10 @@ class Checkpointer:
         """The checkpoint to resume from: ``checkpoint.load``, else the save directory's latest."""
         if self.cfg.load:
             path = files.resolve_load(Path(self.cfg.load))
+            if path is None and files.is_save_dir(self.cfg.load, self.cfg.save):
+                self.report(f"checkpoint.load ({self.cfg.load}) is the save directory and holds no "
+                            "checkpoint yet: starting a fresh run")
+                return None
             if path is None:
                 raise ConfigError(f"checkpoint.load ({self.cfg.load}) has no {files.TRACKER}: no checkpoint to load")
             return path
@@ -144,6 +220,7 @@ class Checkpointer:
         available = set(reader.read_metadata().state_dict_metadata)
         if self.cfg.finetune:
             self._load_tensors({"model": self.model.state_dict()}, reader, available, path)
+            self.optimizer.reload_model_params()  # masters from the loaded weights, not the initial ones
             self.report(f"finetune: loaded model weights from {path}; iteration, optimizer and scheduler start fresh")
             return TrainState()
         target: dict[str, Any] = {"model": self.model.state_dict()}
@@ -157,12 +234,15 @@ class Checkpointer:
         self._load_tensors(target, reader, available, path)
         if self.cfg.load_optim:
             self.optimizer.load_state_dict(merge(target["optimizer"], meta["plain"].get("optimizer")))
+        else:
+            self.optimizer.reload_model_params()  # masters from the loaded weights, not the initial ones
         if load_rng:
             self._restore_rng(target["rng"][rng_key])
-        # The restored optimizer state carries no param-group bounds; they follow the scheduler's own
-        # rule below, so nothing overrides the scheduler's decision (Megatron's override bug).
-        table = self.scheduler.load_state_dict(meta["scheduler"]).table()
-        self._settle_group_bounds(meta.get("param_group_bounds"), path)
+        # The restored optimizer state carries no param-group bounds: they are the scheduler's state and
+        # follow its rule, so nothing overrides its decision (Megatron's override bug). Older checkpoints
+        # kept them beside the scheduler's state.
+        scheduler_state = {"param_group_bounds": meta.get("param_group_bounds"), **meta["scheduler"]}
+        table = self.scheduler.load_state_dict(scheduler_state).table()
         self.scheduler.step(0)  # rewrite lr/wd with the settled bounds and the loaded wd settings
         state = TrainState(**meta["train"])
         self.report(f"resumed from {path} at iteration {state.iteration} ({state.consumed_samples} samples)"
@@ -171,33 +251,13 @@ class Checkpointer:
         self._last_saved = state.iteration
         return state
 
-    def _settle_group_bounds(self, saved: list[dict] | None, path: Path) -> None:
-        """Per-group max_lr/min_lr follow the scheduler's mode, like the scheduler's own values.
-
-        Megatron keeps whatever the param groups carry, so its override (or use-checkpoint) flag is
-        silently ignored for them: the group bounds, not the scheduler's, decide the lr.
-        """
-        current = _group_bounds(self.optimizer.param_groups)
-        if saved is None or saved == current or self.scheduler.mode == "override":
-            return
-        if len(saved) != len(current):
-            raise ConfigError(f"{path}: has {len(saved)} param groups, this run {len(current)}")
-        if self.scheduler.mode == "strict":
-            diffs = [f"group {i}: config {c} vs checkpoint {s}" for i, (c, s) in enumerate(zip(current, saved))
-                     if c != s]
-            raise ConfigError(f"param-group lr bounds differ from the checkpoint's ({'; '.join(diffs)}). Set "
-                              "scheduler.use_checkpoint_opt_param_scheduler=true or "
-                              "scheduler.override_opt_param_scheduler=true")
-        for group, bounds in zip(self.optimizer.param_groups, saved):
-            group.update(bounds)
-
     def _verified(self, path: Path) -> dict:
         error = ""
         meta: dict = {}
         if self.ctx.is_main:
             try:
-                meta = files.verify(path)
-            except ConfigError as e:
+                meta = guards.verified(path)
+            except ConfigError as e:  # corrupted, truncated or tampered: names the checkpoint to fall back to
                 error = str(e)
         error = self._broadcast(error)
         if error:
@@ -230,6 +290,38 @@ class Checkpointer:
         box = [text]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def _gathered(self, text: str) -> str:
+        """The first non-empty ``text`` of any rank (all ranks get the same)."""
+        if self.ctx.backend is None:
+            return text
+        texts: list[str] = [""] * self.ctx.world_size
+        dist.all_gather_object(texts, text)
+        return next((t for t in texts if t), "")
+
+    def _count(self, flag: bool) -> int:
+        """How many ranks raise ``flag`` (one all_reduce)."""
+        if self.ctx.backend is None:
+            return int(flag)
+        total = torch.tensor([int(flag)], device=self.ctx.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
+
+def _attempt(step, it: int, save: Path) -> str:
+    """``step()``'s error line ("" on success); a full disk, or any other failure, becomes one line."""
+    try:
+        return step() or ""
+    except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+        if guards.is_disk_full(error, save):
+            return f"no space left on device while saving iteration {it} to {save}"
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return f"saving iteration {it} to {save} failed ({type(error).__name__}: {first})"
+
+
+def _poison(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
 
 
 def _group_bounds(groups: list[dict]) -> list[dict[str, float]]:

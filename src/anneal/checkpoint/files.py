@@ -56,8 +56,11 @@ def write_manifest(directory: Path) -> None:
     write_atomic(directory / MANIFEST, json.dumps({"format": "anneal-checkpoint-1", "files": entries}, indent=1))
 
 
-def verify(directory: Path) -> dict:
-    """Check every file against the manifest; return ``state.json``. ConfigError names the bad file."""
+def verify(directory: Path, only: set[str] | None = None) -> dict:
+    """Check every file (or those in ``only``) against the manifest; return ``state.json``.
+
+    ConfigError names the bad file.
+    """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(f"{directory}: not an anneal checkpoint (no {MANIFEST}; incomplete or foreign)")
@@ -67,6 +70,8 @@ def verify(directory: Path) -> dict:
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{manifest_path}: unreadable manifest ({error})") from error
     for name, entry in entries.items():
+        if only is not None and name not in only:
+            continue
         path = directory / name
         if not path.is_file():
             raise ConfigError(f"{path}: missing from the checkpoint")
@@ -91,6 +96,38 @@ def latest(save: Path) -> Path | None:
     return iter_dir(save, int(text))
 
 
+def iteration_of(path: Path) -> int | None:
+    match = _ITER_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_save_dir(load: str, save: str | None) -> bool:
+    """Whether ``checkpoint.load`` names the save directory itself (Megatron's ``--load X --save X``)."""
+    return save is not None and Path(load).resolve() == Path(save).resolve()
+
+
+def check_load_target(cfg) -> None:
+    """Refuse, before anything is built, a ``checkpoint.load`` that holds no checkpoint to load.
+
+    ``cfg`` is the ``checkpoint`` section. The save directory itself may be empty: that is a
+    first run (``Checkpointer.find`` says so), as with Megatron's ``--load DIR --save DIR``.
+    """
+    if not cfg.load:
+        return
+    load = Path(cfg.load)
+    if is_save_dir(cfg.load, cfg.save) and not (load / TRACKER).is_file():
+        return
+    if not load.exists():
+        raise ConfigError(f"checkpoint.load ({cfg.load}) does not exist")
+    target = resolve_load(load)
+    if target is None:
+        raise ConfigError(f"checkpoint.load ({cfg.load}) has no {TRACKER}: no checkpoint to load (to start "
+                          "fresh and save there, set checkpoint.save to the same directory)")
+    if not target.is_dir():
+        raise ConfigError(f"checkpoint.load ({cfg.load}): {TRACKER} names {target.name}, "
+                          "which does not exist")
+
+
 def resolve_load(path: Path) -> Path | None:
     """``checkpoint.load`` may name a save directory (its latest) or one ``iter_*`` directory."""
     if _ITER_DIR.match(path.name):
@@ -108,6 +145,17 @@ def prune(save: Path, keep: int, current: Path) -> None:
     for old in completed(save)[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_save(save: Path, part: Path, final: Path | None = None) -> None:
+    """Remove what a failed save wrote: its partial directory, and ``final`` (the directory it was
+    renamed to) unless the tracker already names it."""
+    shutil.rmtree(part, ignore_errors=True)
+    tracker = save / TRACKER
+    latest_text = tracker.read_text().strip() if tracker.is_file() else ""
+    if final is not None and final.is_dir() and latest_text != str(iteration_of(final)):
+        shutil.rmtree(final, ignore_errors=True)
+    tracker.with_name(f".{TRACKER}.tmp").unlink(missing_ok=True)
 
 
 def remove_partials(save: Path) -> None:

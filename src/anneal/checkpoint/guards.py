@@ -1,0 +1,181 @@
+"""What a save checks before it writes, and how a failed save or a refused load is explained.
+
+A save refuses non-finite weights or optimizer state, and a disk too small for the checkpoint,
+before writing anything; a save that fails anyway names the cause in one line and the checkpoint
+that is still the latest. A refused (corrupted, truncated, tampered) checkpoint names the newest
+earlier one that verifies, as the ``checkpoint.load=`` to resume from.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anneal.checkpoint import files
+from anneal.checkpoint.safe_reader import read_metadata_file
+from anneal.errors import ConfigError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_MARGIN = 1.05  # the estimate is the previous checkpoint's size (or the state's bytes), plus 5%
+_METADATA_BYTES = 1 << 18  # DCP's .metadata, state.json, config.yaml, manifest.json of a small model
+
+
+def flat_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(dotted name, tensor)`` for every tensor of a nested dict; DTensors as their local shard."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from flat_tensors(value, f"{prefix}{key}.")
+    elif isinstance(tree, torch.Tensor):
+        yield prefix[:-1], tree.to_local() if hasattr(tree, "to_local") else tree
+
+
+def first_nonfinite(tensors: Any) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None."""
+    for name, tensor in flat_tensors(tensors):
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor)  # one pass, no copy; NaN and +-inf show in the extremes
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return name
+    return None
+
+
+def state_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for _, t in flat_tensors(tensors))
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def space_shortfall(save: Path, local_state_bytes: int) -> str | None:
+    """Why the next checkpoint cannot fit in ``save``'s file system, or None when it can (or may).
+
+    The estimate is the latest checkpoint's size when there is one (the same model and optimizer
+    write the same bytes), else this rank's state bytes.
+    """
+    previous = _latest(save)
+    size = directory_bytes(previous) if previous is not None else local_state_bytes
+    needed = int(size * _MARGIN) + _METADATA_BYTES
+    free = shutil.disk_usage(save).free
+    if free >= needed:
+        return None
+    return f"{_mib(free)} free, the checkpoint needs about {_mib(needed)}"
+
+
+def is_disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether ``error`` (or what it wraps, DCP's per-rank failures included) is a full disk."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    try:  # torch's zip writer can lose the errno ("unexpected pos 704 vs 598")
+        return shutil.disk_usage(directory).free < _METADATA_BYTES
+    except OSError:
+        return False
+
+
+@contextmanager
+def writer_thread_errors() -> Iterator[list[BaseException]]:
+    """Collect, instead of printing, the errors of DCP's writer threads.
+
+    DCP joins its writer threads without looking at how they ended: a thread that hits a full
+    disk prints a traceback and the save carries on as if its files were written.
+    """
+    caught: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread is not None and "_write_files_from_queue" in args.thread.name:
+            caught.append(args.exc_value)
+        else:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield caught
+    finally:
+        threading.excepthook = previous
+
+
+def latest_phrase(save: Path) -> str:
+    """``iteration M is the latest (DIR/iter_M)``, or that none was saved yet."""
+    latest = _latest(save)
+    if latest is None:
+        return f"no checkpoint has been saved in {save} yet"
+    return f"iteration {files.iteration_of(latest)} is the latest ({latest})"
+
+
+def resume_hint(save: Path) -> str:
+    """What to resume from: ``checkpoint.load=DIR/iter_M`` of the latest checkpoint, if any."""
+    latest = _latest(save)
+    if latest is None:
+        return f"no checkpoint has been saved in {save} yet"
+    return f"resume from the latest good checkpoint with checkpoint.load={latest}"
+
+
+def _latest(save: Path) -> Path | None:
+    try:
+        latest = files.latest(save) if save.is_dir() else None
+    except ConfigError:
+        return None
+    return latest if latest is not None and latest.is_dir() else None
+
+
+def verified(path: Path) -> dict:
+    """``state.json`` of a checkpoint that passes every check (manifest, safe metadata); else ConfigError
+    naming the bad file and the earlier checkpoint to fall back to."""
+    try:
+        meta = files.verify(path)
+        read_metadata_file(path / ".metadata")
+    except ConfigError as error:
+        raise ConfigError(f"{error}; {fallback_hint(path)}") from None
+    return meta
+
+
+def verified_state(path: Path) -> dict:
+    """``state.json`` checked against the manifest (that file only: cheap on every rank); else ConfigError
+    naming the bad file and the checkpoint to fall back to. ``verified`` checks the rest before loading."""
+    try:
+        return files.verify(path, only={files.STATE})
+    except ConfigError as error:
+        raise ConfigError(f"{error}; {fallback_hint(path)}") from None
+
+
+def fallback_hint(refused: Path) -> str:
+    """Names the newest checkpoint older than ``refused`` (in the same directory) that verifies."""
+    good = good_fallback(refused)
+    if good is None:
+        return f"no earlier checkpoint in {refused.parent} passes verification"
+    return f"the previous good checkpoint is iteration {files.iteration_of(good)}: checkpoint.load={good}"
+
+
+def good_fallback(refused: Path) -> Path | None:
+    limit = files.iteration_of(refused)
+    for candidate in reversed(files.completed(refused.parent)):
+        if candidate == refused or (limit is not None and files.iteration_of(candidate) >= limit):
+            continue
+        try:
+            files.verify(candidate)
+            read_metadata_file(candidate / ".metadata")
+        except (ConfigError, OSError):
+            continue
+        return candidate
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
