@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 
 from anneal.config.model import ModelConfig
 from anneal.errors import ConfigError
+from anneal.hf.mapping import hf_config as config_json
+from anneal.hf.mapping import to_hf_name
 from anneal.model import flops_per_token, num_parameters
 from anneal.model.qwen3 import build_model
 
@@ -54,40 +56,17 @@ def load_shipped(path: Path) -> ModelConfig:
 
 
 def hf_config(cfg: ModelConfig) -> transformers.Qwen3Config:
-    return transformers.Qwen3Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.seq_length,
-        rms_norm_eps=cfg.layernorm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
-        tie_word_embeddings=cfg.share_embeddings_and_output_weights,
-        attention_bias=False,
-        attn_implementation="eager",
-    )
-
-
-def hf_name(name: str) -> str:
-    """anneal parameter name -> Qwen3ForCausalLM parameter name (layer internals are the same)."""
-    renames = {
-        "embedding.weight": "model.embed_tokens.weight",
-        "final_norm.weight": "model.norm.weight",
-        "output_layer.weight": "lm_head.weight",
-    }
-    return renames.get(name, f"model.{name}")
+    """The library's one mapping (anneal.hf.mapping), read by transformers itself."""
+    return transformers.Qwen3Config(**config_json(cfg, "float32"), attn_implementation="eager")
 
 
 @torch.no_grad()
 def copy_into_hf(model: torch.nn.Module, hf_model: torch.nn.Module) -> None:
     hf_params = dict(hf_model.named_parameters())
-    names = {hf_name(name) for name, _ in model.named_parameters()}
+    names = {to_hf_name(name) for name, _ in model.named_parameters()}
     assert names == set(hf_params), "the name mapping covers every parameter, both ways"
     for name, param in model.named_parameters():
-        hf_params[hf_name(name)].copy_(param)
+        hf_params[to_hf_name(name)].copy_(param)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -25,6 +25,8 @@ THRESHOLDS = {
     "dist_state_2_ranks_vs_1": ("<=", 0.55),
     "checkpoint_save_vs_torch_save": ("<=", 8.0),
     "checkpoint_load_vs_torch_load": ("<=", 8.0),
+    "hf_export_vs_save_file": ("<=", 10.0),
+    "hf_import_vs_load_file": ("<=", 5.0),
     "scheduler_step_ns_10_groups": ("<=", 200_000),
     "schedule_1m_points_s": ("<=", 15.0),
 }
@@ -43,16 +45,21 @@ README_ROWS = [
     ("checkpoint save ÷ `torch.save`", "checkpoint_save_vs_torch_save"),
     ("checkpoint save ÷ `torch.save` + fsync (same durability)", "checkpoint_save_vs_torch_save_fsync"),
     ("checkpoint load ÷ `torch.load`", "checkpoint_load_vs_torch_load"),
+    ("HF export, Qwen3-0.6B bf16 (s)", "hf_export_s"),
+    ("… ÷ safetensors `save_file`", "hf_export_vs_save_file"),
+    ("HF import into the model (s)", "hf_import_s"),
+    ("… ÷ `load_file` + copy into the model", "hf_import_vs_load_file"),
     ("scheduler `step()`, 10 groups (ns)", "scheduler_step_ns_10_groups"),
     ("1M schedule points, lr and wd (s)", "schedule_1m_points_s"),
 ]
 
 
 def run_all(repeats: int) -> dict[str, Stat]:
-    from anneal.bench import components, gpu, launcher, optimizer
+    from anneal.bench import components, gpu, hf, launcher, optimizer
 
     sections = [("scheduler", lambda: components.scheduler_figures(repeats)),
                 ("checkpoint", lambda: components.checkpoint_figures(repeats)),
+                ("Hugging Face export/import", lambda: hf.hf_figures(repeats)),
                 ("optimizer", lambda: optimizer.step_figures(repeats)),
                 ("distributed optimizer state", optimizer.state_figures),
                 ("start-up", lambda: launcher.startup(repeats)),

@@ -100,6 +100,22 @@ class ApexOptimizer:
         scale = 1.0 if self.loss_scaler is None else self.loss_scaler.scale
         return StepResult(grad_norm, False, scale, self.num_skipped)
 
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Copy the model's parameters into Apex's fp32 ``params_shard`` (kept only under bf16/fp16).
+
+        The same copy ``DistributedFusedAdam._init_param_state`` makes at construction, per fragment
+        of this rank's shard; under fp32 Apex reads the model's parameters directly.
+        """
+        opt = self._opt
+        for param in (p for group in opt.param_groups for p in group["params"]):
+            for fragment in opt.state[param]["fragments"]:
+                bucket = opt.state["buckets"][fragment.bucket_id]
+                if not fragment.in_local_shard or bucket.params_shard is None:
+                    continue
+                values = param.detach().view(-1)[slice(*fragment.shard_param_range)]
+                bucket.params_shard[slice(*fragment.shard_range)].copy_(values)
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's Apex shards as tensors under a per-rank key: loads on the same number of ranks."""
         shards = {}

@@ -46,4 +46,14 @@ class AnnealOptimizer(Protocol):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
+    def reload_model_params(self) -> None:
+        """Take the fp32 master weights from the model's parameters, which were just overwritten.
+
+        The one way weights enter a built model (a finetune, a resume without optimizer state,
+        imported Hugging Face weights): write the values into the parameters in place, on every
+        rank alike, then call this. Without it a bf16/fp16 run's first step writes the masters
+        taken at construction back into the model. (Megatron's name for the same step.)
+        """
+        ...
+
     def describe(self) -> str: ...

@@ -146,6 +146,21 @@ class FlatOptimizer:
         self.num_updates += 1
         return StepResult(grad_norm, False, self._loss_scale(), self.num_skipped)
 
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the fp32 master shard from the model's parameters (see ``AnnealOptimizer``).
+
+        A parameter whose ``.data`` was replaced (not written in place) is copied back into its
+        view of the flat buffer and re-bound first, so any way of writing the weights is seen.
+        """
+        for param, view in zip(self.params, self._param_views):
+            if param.data_ptr() != view.data_ptr():
+                view.copy_(param.detach().reshape(view.shape))
+                param.data = view
+        if self.dtype != torch.float32:  # under fp32 the master is the flat parameter buffer itself
+            lo, hi = self.layout.shard_bounds(self.layout.rank)
+            self._master.copy_(self._flat_param[lo:hi])
+
     def _loss_scale(self) -> float:
         return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
 

@@ -28,7 +28,7 @@ from anneal.optim.flat_optimizer import FlatOptimizer
 from anneal.optim.loss_scaler import build_loss_scaler
 from anneal.optim.param_groups import get_param_groups
 from anneal.optim.update_rules import build_update_rule
-from anneal.scheduler import OptimizerParamScheduler, Schedule, build_scheduler
+from anneal.scheduler import ParamScheduler, Schedule, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,13 @@ def setup_optimizer(
     *,
     schedule: Schedule,
     dp_group: dist.ProcessGroup | None = None,
-) -> tuple[AnnealOptimizer, OptimizerParamScheduler]:
+    resume: Any = None,
+) -> tuple[AnnealOptimizer, ParamScheduler]:
     """Build the optimizer over ``model``'s parameter groups, then the scheduler that drives it.
 
     ``scheduler_config`` needs ``override_opt_param_scheduler`` and
-    ``use_checkpoint_opt_param_scheduler``; ``schedule`` carries the numbers (in samples).
+    ``use_checkpoint_opt_param_scheduler``; ``schedule`` carries the numbers (in samples);
+    ``resume`` (an ``anneal.resume.ResumePlan``) makes a branch or an extension keep them on load.
     """
     optimizer_config.validate()
     groups = get_param_groups(model, optimizer_config, fallback_min_lr=schedule.min_lr)
@@ -53,7 +55,9 @@ def setup_optimizer(
     dtype = model_dtype(optimizer_config)
     _cast_frozen_parameters(model, dtype)
     optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
-    scheduler = build_scheduler(optimizer, scheduler_config, schedule)
+    scheduler = build_scheduler(optimizer, scheduler_config, schedule,
+                                resume_mode=getattr(resume, "resume_mode", None),
+                                param_group_bounds=getattr(resume, "param_group_bounds", None))
     logger.info("optimizer: %s", optimizer.describe())
     return optimizer, scheduler
 
