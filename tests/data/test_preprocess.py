@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -69,3 +70,17 @@ def test_missing_json_key_fails_naming_key_and_line(tmp_path: Path) -> None:
     result = _run("--input", str(_jsonl(tmp_path)), "--output-prefix", str(tmp_path / "bad"))
     assert result.returncode == 2
     assert "--json-key ('text')" in result.stderr and "corpus.jsonl:1" in result.stderr
+
+
+def test_sidecar_records_the_tokenizer(tmp_path: Path, tokenizer_file: Path) -> None:
+    result = _run("--input", str(_jsonl(tmp_path)), "--json-key", "content",
+                  "--output-prefix", str(tmp_path / "h"), "--tokenizer", str(tokenizer_file))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "h.json").read_text())
+    tokenizer = HFTokenizer(tokenizer_file)
+    assert record["tokenizer"]["path"] == str(tokenizer_file.resolve())
+    assert record["tokenizer"]["vocab_size"] == tokenizer.vocab_size == 320
+    assert record["tokenizer"]["eod_id"] == tokenizer.eod and record["tokenizer"]["bos_id"] is None
+    assert record["tokenizer"]["sha256"] == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    assert (record["documents"], record["tokens"]) == (3, IndexedDataset(tmp_path / "h").num_tokens)
+    assert "model.vocab_size=384" in result.stdout  # Megatron's padding to a multiple of 128

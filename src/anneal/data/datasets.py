@@ -8,7 +8,8 @@ window's last token is the next window's first, as in Megatron's GPTDataset).
 Sample ``i`` of a split is window ``perm_e[i % n]`` with ``e = i // n`` the epoch and ``perm_e`` a
 permutation of the ``n`` windows seeded by ``(dataset.seed, split, e)``. So a sample is a pure function of
 the seed and its index: it does not depend on the world size, and a run resumed at ``consumed_samples``
-sees exactly the samples an uninterrupted run would.
+sees exactly the samples an uninterrupted run would. Indexed data (one stream per blend source, weighted
+blends, the anneal blend) is built by ``anneal.data.sources`` from these windows.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TokenWindows:
     """
 
     def __init__(self, stream: TokenStream, *, start: int, stop: int, seq_length: int, seed: int,
-                 split: int, vocab_size: int, eod: int | None) -> None:
+                 split: int, vocab_size: int, eod: int | None, salt: tuple[int, ...] = ()) -> None:
         self.stream = stream
         self.start = start
         self.num_tokens = stop - start
@@ -70,6 +71,7 @@ class TokenWindows:
         self.split = split
         self.vocab_size = vocab_size
         self.eod = eod
+        self.salt = salt  # tells apart the sources of a blend, which share seed and split
         self.num_windows = max(0, (self.num_tokens - 1) // seq_length)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -83,7 +85,7 @@ class TokenWindows:
     def permutation(self, epoch: int) -> np.ndarray:
         """The window order of ``epoch`` (the last two are cached)."""
         if epoch not in self._permutations:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.split, epoch]))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.split, epoch, *self.salt]))
             if len(self._permutations) >= 2:
                 self._permutations.pop(min(self._permutations))
             self._permutations[epoch] = rng.permutation(self.num_windows)
@@ -119,15 +121,20 @@ class TokenWindows:
         return self.gather([sample])[0]
 
 
-def build_datasets(cfg: DatasetConfig, *, seq_length: int,
-                   vocab_size: int) -> tuple[TokenWindows, TokenWindows]:
-    """The (train, valid) windows of ``cfg``.
+def build_datasets(cfg: DatasetConfig, *, seq_length: int, vocab_size: int,
+                   anneal_start: int | None = None) -> tuple[TokenWindows, TokenWindows]:
+    """The (train, valid) windows of ``cfg``; indexed data may be blends (``anneal.data.sources``).
 
+    ``anneal_start``: the sample where the WSD anneal starts, from which ``dataset.anneal_data_path`` is read.
     ConfigError if ``cfg`` is invalid, its tokens do not fit ``vocab_size`` or are too few for a window.
     """
     cfg.validate()
     if seq_length < 1:
         raise ConfigError(f"model.seq_length ({seq_length}) must be >= 1")
+    if cfg.kind == "indexed":
+        from anneal.data.sources import build_indexed  # which imports this module
+
+        return build_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size, anneal_start=anneal_start)
     stream, eod, size_field = _load_stream(cfg, vocab_size)
     bounds = split_bounds(len(stream), split_weights(cfg.split))
     train, valid = (
@@ -163,8 +170,7 @@ def _load_stream(cfg: DatasetConfig, vocab_size: int) -> tuple[TokenStream, int 
             raise ConfigError(f"model.vocab_size ({vocab_size}) must be >= 2 for dataset.kind 'mock'")
         tokens = mock_tokens(cfg.mock_num_tokens, vocab_size=vocab_size, seed=cfg.seed)
         return TokenStream([tokens]), vocab_size - 1, "dataset.mock_num_tokens"
-    parts = [_open_prefix(i, prefix, vocab_size).tokens for i, prefix in enumerate(cfg.data_path)]
-    return TokenStream(parts), None, "dataset.data_path"
+    raise ValueError(f"dataset.kind {cfg.kind!r} is built by anneal.data.sources")
 
 
 def stdlib_sources(max_bytes: int, root: str | Path | None = None) -> list[bytes]:
@@ -224,19 +230,19 @@ def _mock_document_ends(rng: np.random.Generator, num_tokens: int) -> np.ndarray
     return ends[ends <= num_tokens]
 
 
-def _open_prefix(i: int, prefix: str, vocab_size: int) -> IndexedDataset:
-    """Open ``dataset.data_path[i]`` and check its tokens fit ``model.vocab_size``."""
+def open_prefix(field: str, prefix: str, vocab_size: int) -> IndexedDataset:
+    """Open the prefix at ``field`` (e.g. ``dataset.data_path[1]``) and check its tokens fit the vocab."""
     try:
         dataset = IndexedDataset(prefix)
     except ConfigError as err:
-        raise ConfigError(f"dataset.data_path[{i}] ({prefix!r}): {err}") from None
+        raise ConfigError(f"{field} ({prefix!r}): {err}") from None
     if dataset.dtype.kind == "f":
-        raise ConfigError(f"dataset.data_path[{i}] ({prefix!r}): {dataset.idx_path} stores {dataset.dtype} "
+        raise ConfigError(f"{field} ({prefix!r}): {dataset.idx_path} stores {dataset.dtype} "
                           "values, not integer token ids")
     info = np.iinfo(dataset.dtype)
     if info.min < 0 or info.max >= vocab_size:  # the dtype alone does not guarantee a fit: look
         low, high = _token_extremes(dataset.tokens[:_VOCAB_SCAN_TOKENS])
-        _check_token_range(low, high, vocab_size, f"dataset.data_path[{i}] ({prefix!r})")
+        _check_token_range(low, high, vocab_size, f"{field} ({prefix!r})")
     return dataset
 
 

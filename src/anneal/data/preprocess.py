@@ -3,6 +3,7 @@
 A ``.jsonl``/``.json`` file holds one document per line (the string under ``json_key``); any other file
 is one document. Each document is tokenized and followed by the tokenizer's end-of-document id (Megatron's
 ``--append-eod``); empty documents are skipped. The token dtype is Megatron's: uint16 below 65500 ids.
+``<prefix>.json`` records the tokenizer and the counts (``anneal.data.metadata``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anneal.data.indexed import IndexedDatasetWriter
+from anneal.data.metadata import write_metadata
 from anneal.data.tokenizer import Tokenizer
 from anneal.errors import ConfigError
 
@@ -29,7 +31,7 @@ class PreprocessStats:
 
 def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, tokenizer: Tokenizer,
                json_key: str = "text", input_format: str = "auto") -> PreprocessStats:
-    """Tokenize every document of ``inputs`` (in order) into ``output_prefix``.bin/.idx."""
+    """Tokenize every document of ``inputs`` (in order) into ``output_prefix``.bin/.idx/.json."""
     if input_format not in INPUT_FORMATS:
         raise ConfigError(f"--format ({input_format!r}) must be one of {', '.join(INPUT_FORMATS)}")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -40,10 +42,15 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
                 if not text:
                     skipped += 1
                     continue
-                ids = [*tokenizer.encode(text), tokenizer.eod]
+                ids = tokenizer.document(text)
                 writer.add_document(ids)
                 documents, tokens = documents + 1, tokens + len(ids)
-    return PreprocessStats(documents=documents, tokens=tokens, skipped_empty=skipped)
+    stats = PreprocessStats(documents=documents, tokens=tokens, skipped_empty=skipped)
+    inputs = [str(Path(path).resolve()) for path in inputs]
+    write_metadata(output_prefix, tokenizer=tokenizer.describe(),
+                   stats={"documents": documents, "tokens": tokens, "inputs": inputs, "json_key": json_key,
+                          "dtype": str(writer.dtype)})
+    return stats
 
 
 def iter_documents(path: Path, *, json_key: str, jsonl: bool) -> Iterator[str]:

@@ -1,26 +1,40 @@
-"""Tokenizers for preprocessing: bytes (no files needed) and a local Hugging Face ``tokenizer.json``.
+"""Tokenizers for preprocessing: bytes (no files needed) and a local Hugging Face tokenizer.
 
-Both expose ``encode(text) -> list[int]``, ``vocab_size`` and ``eod`` (the end-of-document id appended
-after every document). The ``tokenizers`` package is imported only when a file is loaded.
+Both expose ``document(text) -> list[int]`` (the tokens of one document, ending in the end-of-document id),
+``vocab_size``, ``eod``, ``bos`` and ``describe()`` (what the metadata sidecar records). A Hugging Face
+tokenizer is a ``tokenizer.json`` file or a directory holding one; a directory's ``tokenizer_config.json``
+(or ``special_tokens_map.json``) names its EOS and BOS tokens, as ``transformers`` reads them. Documents are
+encoded with the tokenizer's own special tokens (its post-processor: Llama 3 puts its BOS first), BOS is
+prepended when the config says ``add_bos_token`` and the post-processor did not, and EOS is appended unless
+the tokenizer already ended the document with it (Megatron's ``--append-eod``). The ``tokenizers`` package
+is imported only when a tokenizer is loaded.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
 from anneal.config.dataset import BYTE_EOD, BYTE_VOCAB_SIZE
+from anneal.data.metadata import file_sha256
 from anneal.errors import ConfigError
 
 # Tried in order when no end-of-document token is named: GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma.
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 class Tokenizer(Protocol):
     vocab_size: int
     eod: int
+    bos: int | None
 
     def encode(self, text: str) -> list[int]: ...
+
+    def document(self, text: str) -> list[int]: ...
+
+    def describe(self) -> dict: ...
 
 
 class ByteTokenizer:
@@ -28,40 +42,95 @@ class ByteTokenizer:
 
     vocab_size = BYTE_VOCAB_SIZE
     eod = BYTE_EOD
+    bos = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def document(self, text: str) -> list[int]:
+        return [*self.encode(text), self.eod]
+
+    def describe(self) -> dict:
+        return {"type": "byte", "path": None, "sha256": f"byte-{BYTE_VOCAB_SIZE}",
+                "vocab_size": self.vocab_size, "eod_id": self.eod, "bos_id": None, "eod_token": None,
+                "bos_token": None, "add_bos": False}
+
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer read from a local ``tokenizer.json`` (no network, no transformers)."""
+    """A Hugging Face fast tokenizer read from a local ``tokenizer.json`` or directory (no network)."""
 
     def __init__(self, path: str | Path, *, eod_token: str | None = None) -> None:
-        import tokenizers  # lazily: only preprocessing with a tokenizer file needs it
+        import tokenizers  # lazily: only preprocessing with a tokenizer needs it
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--tokenizer-file ({str(path)!r}) is not a file")
-        self.path = path
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.eod = self._find_eod(eod_token)
+        self.file, config = _tokenizer_files(Path(path))
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(self.file))
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self._tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        self.eod_token = self._find_eod(eod_token or _token_name(config.get("eos_token")))
+        self.eod = self._tokenizer.token_to_id(self.eod_token)
+        self.bos_token = _token_name(config.get("bos_token"))
+        self.bos = self._tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        self.add_bos = bool(config.get("add_bos_token")) and self.bos is not None
 
-    def _find_eod(self, eod_token: str | None) -> int:
+    def _find_eod(self, eod_token: str | None) -> str:
         candidates = (eod_token,) if eod_token is not None else EOD_CANDIDATES
         for token in candidates:
-            token_id = self._tokenizer.token_to_id(token)
-            if token_id is not None:
-                return token_id
-        raise ConfigError(f"--eod-token ({eod_token!r}): {self.path} has none of {', '.join(candidates)}; "
+            if self._tokenizer.token_to_id(token) is not None:
+                return token
+        raise ConfigError(f"--eod-token ({eod_token!r}): {self.file} has none of {', '.join(candidates)}; "
                           "name its end-of-document token")
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        """The tokenizer's ids for ``text``, with the special tokens its post-processor adds."""
+        return self._tokenizer.encode(text).ids
+
+    def document(self, text: str) -> list[int]:
+        ids = self.encode(text)
+        if self.add_bos and (not ids or ids[0] != self.bos):
+            ids = [self.bos, *ids]
+        return ids if ids and ids[-1] == self.eod else [*ids, self.eod]
+
+    def describe(self) -> dict:
+        return {"type": "huggingface", "path": str(self.file.resolve()), "sha256": file_sha256(self.file),
+                "vocab_size": self.vocab_size, "eod_id": self.eod, "bos_id": self.bos,
+                "eod_token": self.eod_token, "bos_token": self.bos_token, "add_bos": self.add_bos}
 
 
-def load_tokenizer(tokenizer_file: str | Path | None = None, *, eod_token: str | None = None) -> Tokenizer:
-    """The byte tokenizer when no file is given, else the Hugging Face tokenizer in ``tokenizer_file``."""
-    if tokenizer_file is None:
+def load_tokenizer(tokenizer: str | Path | None = None, *, eod_token: str | None = None) -> Tokenizer:
+    """The byte tokenizer when no path is given, else the Hugging Face tokenizer at ``tokenizer``."""
+    if tokenizer is None:
         return ByteTokenizer()
-    return HFTokenizer(tokenizer_file, eod_token=eod_token)
+    return HFTokenizer(tokenizer, eod_token=eod_token)
+
+
+def _tokenizer_files(path: Path) -> tuple[Path, dict]:
+    """``tokenizer.json`` and the special-token settings of a file or a Hugging Face directory."""
+    if path.is_file():
+        return path, {}
+    if not path.is_dir():
+        raise ConfigError(f"--tokenizer-file ({str(path)!r}) is neither a tokenizer.json file nor a "
+                          "directory")
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(f"--tokenizer-file ({str(path)!r}): the directory has no tokenizer.json (a fast "
+                          "tokenizer); save one with transformers' tokenizer.save_pretrained()")
+    config: dict = {}
+    for name in reversed(_CONFIG_FILES):  # tokenizer_config.json wins
+        if (path / name).is_file():
+            config.update(_read_json(path / name))
+    return file, config
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--tokenizer-file: {path} is not readable JSON ({err})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_name(entry: object) -> str | None:
+    """A special token as tokenizer configs write it: a string or ``{"content": ...}``."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) and entry else None
