@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from anneal.config.batch import BatchRamp
 from anneal.config.torch_scheduler import TorchSchedule
+from anneal.scheduler.branch import branch_point, branch_schedule
 from anneal.scheduler.schedule import Schedule, lr_at, phases, wd_at
 
 DEFAULT_POINTS = 2000
@@ -109,6 +110,24 @@ def curve(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: int,
     return Curve(label, iterations, samples, lrs, wds, spans, seq_length)
 
 
+def branch_curve(parent: Schedule, ramp: BatchRamp, at_iteration: int, anneal_iters: int, wsd_style: str, *,
+                 label: str = "", seq_length: int | None = None, points: int = DEFAULT_POINTS) -> Curve:
+    """An anneal branch of ``parent`` after ``at_iteration`` (``anneal.scheduler.branch``), drawn from there on."""
+    steps = ramp.samples_after(at_iteration)
+    point = branch_point(parent, steps, f"the branch at iteration {at_iteration}")
+    end = at_iteration + anneal_iters
+    schedule = branch_schedule(parent, point, ramp.samples_after(end), wsd_style)
+    label = label or f"branch at {at_iteration:,}: {anneal_iters:,}-iteration {wsd_style} anneal"
+    return after(curve(schedule, ramp, end, label=label, seq_length=seq_length, points=points), at_iteration)
+
+
+def after(c: Curve, iteration: int) -> Curve:
+    """The part of ``c`` after ``iteration`` (what a branch or a resume adds to its parent)."""
+    keep = [i for i, k in enumerate(c.iterations) if k > iteration]
+    pick = lambda values: [values[i] for i in keep]  # noqa: E731
+    return replace(c, iterations=pick(c.iterations), samples=pick(c.samples), lr=pick(c.lr), wd=pick(c.wd))
+
+
 def torch_curve(schedule: TorchSchedule, ramp: BatchRamp, train_iters: int, *, label: str = "",
                 seq_length: int | None = None, points: int = DEFAULT_POINTS) -> Curve:
     """The lr the torch scheduler applies at sampled iterations (every one stepped), wd constant."""
@@ -188,7 +207,9 @@ def plot_schedules(curves: Sequence[Curve], path: Path, title: str = "") -> Path
 
 def plot_run(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: int, path: Path,
              applied: Sequence[dict] = (), title: str = "") -> Path:
-    """PNG of the planned schedule over ``train_iters`` iterations, with ``applied`` points drawn over it."""
+    """PNG of the planned schedule over ``train_iters`` iterations, with ``applied`` points drawn over it,
+    and a CSV of the planned points beside it. ``schedule`` is the one in force after a resume
+    (``scheduler.schedule``), not the config's, so the two agree under use-checkpoint, branch or extend."""
     plt = _pyplot()
     c = curve(schedule, ramp, train_iters)
     fig, (ax_lr, ax_wd) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
@@ -209,6 +230,7 @@ def plot_run(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: i
     ax_lr.legend(loc="upper right")
     ax_wd.legend(loc="lower right")
     fig.tight_layout()
+    write_csv([c], path.with_suffix(".csv"))  # the planned values drawn, to check against the applied ones
     return _save(fig, path)
 
 
@@ -287,3 +309,30 @@ def _phase_legend(fig, spans: Sequence[Phase], title: str | None) -> None:
                for p in spans]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=8, frameon=False,
                title=title, title_fontsize=8)
+
+
+def plot_resume(trained: Sequence[dict], to_come: Curve, at_iteration: int, path: Path, *, kind: str = "resume",
+                title: str = "") -> Path:
+    """PNG of a resume or a branch: the lr and wd already applied (``trained``: metrics records of the
+    parent runs) and the ones to come (``to_come``), with the resume or branch point marked."""
+    plt = _pyplot()
+    fig, (ax_lr, ax_wd) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
+    for ax, key, name in ((ax_lr, "lr", "lr"), (ax_wd, "wd", "weight_decay")):
+        if trained:
+            ax.plot([r["iteration"] for r in trained], [r[name] for r in trained], color="0.35", lw=1.6,
+                    label="trained (parent metrics.jsonl)")
+        joined = trained[-1:]  # the line to come starts at the last trained point
+        ax.plot([r["iteration"] for r in joined] + to_come.iterations, [r[name] for r in joined] + getattr(to_come, key),
+                color="C0", lw=1.6, label=to_come.label or "to come")
+        ax.axvline(at_iteration, color="C3", ls="--", lw=1)
+        ax.grid(alpha=0.3, lw=0.5)
+    ax_lr.text(at_iteration, 0.97, f" {kind} point: iteration {at_iteration:,}",
+               transform=ax_lr.get_xaxis_transform(), va="top", ha="left", fontsize=8, color="C3")
+    ax_lr.set_ylabel("learning rate")
+    ax_wd.set_ylabel("weight decay")
+    ax_wd.set_xlabel("iteration")
+    ax_lr.set_title(title or f"{kind} preview")
+    ax_lr.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    write_csv([to_come], path.with_suffix(".csv"))
+    return _save(fig, path)

@@ -122,3 +122,22 @@ def test_script_draws_a_multirun_and_a_comparison_on_one_plot(tmp_path: Path) ->
         configs = {row["config"] for row in csv.DictReader(f)}
     assert configs == {"scheduler.lr_wsd_decay_style=minus_sqrt", "scheduler.lr_wsd_decay_style=linear",
                        "scheduler=cosine"}
+
+
+def test_parent_and_branches_on_one_figure(tmp_path: Path) -> None:
+    out = tmp_path / "branches.png"
+    main(["scheduler=wsd", "train.train_iters=100", "scheduler.lr_warmup_iters=5", "scheduler.lr_wsd_decay_iters=10",
+          "--branch", "20:5", "--branch", "40:10", "--out", str(out), "--points", "0"])
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    labels = list(dict.fromkeys(r["config"] for r in rows))
+    assert labels[0] == "parent" and len(labels) == 3 and out.stat().st_size > 10_000
+    branch = [r for r in rows if r["config"] == labels[2]]
+    assert [int(r["iteration"]) for r in branch] == list(range(41, 51))  # drawn from the branch point on
+    parent_lr = {int(r["iteration"]): float(r["lr"]) for r in rows if r["config"] == "parent"}
+    assert float(branch[0]["lr"]) == parent_lr[41] and float(branch[-1]["lr"]) < parent_lr[50]
+
+
+def test_a_branch_in_the_warmup_is_refused(tmp_path: Path) -> None:
+    result = run_cli("scheduler=wsd", "scheduler.lr_warmup_iters=30", "--branch", "10:5",
+                     "--out", str(tmp_path / "x.png"), script="plot_schedule.py")
+    assert result.returncode == 2 and "is in the warmup" in result.stderr

@@ -143,3 +143,34 @@ def test_checkpoint_that_would_fail_later_is_refused_now() -> None:
 def test_missing_key_is_named() -> None:
     with pytest.raises(ConfigError, match="scheduler state dict has no 'min_lr'"):
         make().load_state_dict({"max_lr": 1e-3, "num_steps": 0})
+
+
+def test_resume_table_marks_the_settings_that_differ_and_names_the_winner() -> None:
+    sched = make(use_checkpoint_opt_param_scheduler=True)
+    table = sched.load_state_dict({**make(max_lr=3e-3).state_dict(), "num_steps": 20}).table()
+    lines = table.splitlines()
+    assert "1 setting(s) differ between config and checkpoint (marked *)" in lines[0]
+    changed = [line for line in lines[2:] if line.startswith("*")]
+    assert len(changed) == 1 and "max_lr" in changed[0] and "checkpoint wins" in changed[0]
+    assert all("both (equal)" in line for line in lines[2:] if not line.startswith("*"))
+
+
+def test_schedule_is_one_frozen_value_replaced_whole() -> None:
+    sched = make()
+    before = sched.schedule
+    sched.max_lr = 2e-3  # Megatron-style attribute writes replace the schedule, never mutate it
+    assert before.max_lr == 1e-3 and sched.schedule.max_lr == 2e-3 and sched.max_lr == 2e-3
+    assert "max_lr" not in vars(sched)
+
+
+def test_param_group_bounds_are_the_schedulers_state() -> None:
+    ckpt = OptimizerParamScheduler(Groups({"max_lr": 3e-3, "min_lr": 0.0}), **BASE).state_dict()
+    assert ckpt["param_group_bounds"] == [{"max_lr": 3e-3, "min_lr": 0.0}]
+    strict = OptimizerParamScheduler(Groups({"max_lr": 1e-3, "min_lr": 0.0}), **BASE,
+                                     use_checkpoint_opt_param_scheduler=False)
+    with pytest.raises(ConfigError, match="param_group_bounds"):
+        strict.load_state_dict(ckpt)
+    taken = OptimizerParamScheduler(Groups({"max_lr": 1e-3, "min_lr": 0.0}), **BASE)
+    taken.load_state_dict({**ckpt, "num_steps": 50})
+    assert taken.optimizer.param_groups[0]["max_lr"] == 3e-3
+    assert taken.optimizer.param_groups[0]["lr"] == lr_at(Schedule(**BASE), 50, 3e-3, 0.0)

@@ -10,6 +10,10 @@ iteration; ReduceLROnPlateau's is flat after the warmup, with a note that it fol
     anneal-plot-schedule recipe=qwen3_4b --compare scheduler=cosine       # a second curve on top
     anneal-plot-schedule -m recipe=qwen3_4b scheduler.lr_wsd_decay_style=minus_sqrt,linear,exponential
     anneal-plot-schedule recipe=tiny --out plots/tiny.png --points 0      # every iteration in the CSV
+    anneal-plot-schedule scheduler=wsd train.train_iters=100000 --branch 20000:2000 --branch 40000:4000
+
+``--branch N:K`` adds an anneal branch of the first curve: from iteration N, a K-iteration anneal
+(``scheduler.anneal_branch_iters=K`` from that checkpoint), drawn from N on.
 
 ``--compare "A B"`` adds a curve composed from the base overrides plus ``A B``; ``-m`` expands Hydra
 sweeps (``a,b``, ``range(...)``) into one curve per combination, drawn on the same plot.
@@ -18,6 +22,7 @@ sweeps (``a,b``, ``range(...)``) into one curve per combination, drawn on the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import shlex
 import sys
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = expand(args.overrides, args.compare, multirun=args.multirun)
         curves = [load_curve(label, overrides, args.points) for label, overrides in runs]
+        if args.branch:  # the first curve is the parent of every branch
+            curves[0] = dataclasses.replace(curves[0], label=f"parent ({curves[0].label})" if len(runs) > 1 else "parent")
+        curves += [load_branch(runs[0][1], text, args.points) for text in args.branch]
     except ConfigError as error:
         fail(error)
     from anneal.plot import plot_schedules, write_csv
@@ -66,6 +74,23 @@ def load_curve(label: str, overrides: list[str], points: int):
                  seq_length=cfg.model.seq_length, points=points)
 
 
+def load_branch(overrides: list[str], text: str, points: int):
+    """The anneal branch ``N:K`` of the configuration composed from ``overrides``."""
+    from anneal.config.compose import load
+    from anneal.plot import branch_curve
+    from anneal.scheduler.schedule import Schedule
+
+    at, _, k = text.partition(":")
+    if not (at.isdigit() and k.isdigit() and int(k) > 0):
+        raise ConfigError(f"--branch ({text!r}) must be N:K, iterations: branch at N, anneal over K > 0")
+    cfg = load(overrides)
+    derived = cfg.validate()
+    if not isinstance(derived.schedule, Schedule):
+        raise ConfigError(f"--branch ({text}) needs Megatron's schedules (scheduler.lr_decay_style), not a torch one")
+    return branch_curve(derived.schedule, derived.ramp, int(at), int(k), cfg.scheduler.lr_wsd_decay_style,
+                        seq_length=cfg.model.seq_length, points=points)
+
+
 def _sweep_choices(overrides: list[str]) -> list[list[str]]:
     """Each override as the list of single overrides it sweeps over (one element when not a sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -97,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="append", default=[], metavar="OVERRIDES",
                         help="another curve: the base overrides plus these (quoted, space-separated); "
                              "repeatable")
+    parser.add_argument("--branch", action="append", default=[], metavar="N:K",
+                        help="an anneal branch of the first curve from iteration N over K iterations; repeatable")
     parser.add_argument("-m", "--multirun", action="store_true", help="one curve per combination of sweeps")
     parser.add_argument("--out", default="schedule.png",
                         help="PNG path; the CSV goes next to it (default: %(default)s)")

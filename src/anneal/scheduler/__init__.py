@@ -6,6 +6,7 @@
 
 from anneal.scheduler.build import build_scheduler
 from anneal.scheduler.param_scheduler import LoadedField, LoadReport, OptimizerParamScheduler
+from anneal.scheduler.protocol import ParamScheduler
 from anneal.scheduler.schedule import (
     LR_DECAY_STYLES,
     WD_INCR_STYLES,
@@ -25,6 +26,7 @@ __all__ = [
     "LoadReport",
     "LoadedField",
     "OptimizerParamScheduler",
+    "ParamScheduler",
     "Phases",
     "Schedule",
     "build_scheduler",

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from anneal.scheduler.param_scheduler import OptimizerParamScheduler
+from anneal.scheduler.protocol import ParamScheduler
 from anneal.scheduler.schedule import Schedule
 
 
-def build_scheduler(optimizer: Any, scheduler_config: Any, schedule: Any) -> Any:
+def build_scheduler(optimizer: Any, scheduler_config: Any, schedule: Any, *, resume_mode: str | None = None,
+                    param_group_bounds: list[dict] | None = None) -> ParamScheduler:
     """The scheduler for ``schedule`` (``Derived.schedule``), driving ``optimizer.param_groups``.
 
     A Megatron ``Schedule`` gives ``OptimizerParamScheduler`` (``scheduler_config`` supplies the
-    resume flags); a ``TorchSchedule`` gives ``TorchScheduler``. Both speak the same API: ``step``,
-    ``get_lr``, ``get_wd``, ``observe``, ``state_dict``, ``load_state_dict``, ``mode``, ``num_steps``.
+    resume flags; ``resume_mode`` and ``param_group_bounds`` come from ``anneal.resume``'s plan for
+    a branch or an extension); a ``TorchSchedule`` gives ``TorchScheduler``. Both are ``ParamScheduler``.
     """
     if isinstance(schedule, Schedule):
-        return OptimizerParamScheduler(
+        return OptimizerParamScheduler.from_schedule(
             optimizer,
-            **dataclasses.asdict(schedule),
+            schedule,
             use_checkpoint_opt_param_scheduler=scheduler_config.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=scheduler_config.override_opt_param_scheduler,
+            resume_mode=resume_mode,
+            param_group_bounds=param_group_bounds,
         )
     from anneal.scheduler.torch_schedules import TorchScheduler  # imports torch
 

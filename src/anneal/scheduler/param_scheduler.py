@@ -8,6 +8,7 @@ optimizers keep their tensor). Per-group ``max_lr``, ``min_lr``, ``start_wd``, `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ _WD_FIELDS = ("start_wd", "end_wd", "wd_incr_steps", "wd_incr_style")
 _SCHEDULE_FIELDS = frozenset(Schedule.__dataclass_fields__)
 # Saved by anneal, absent from Megatron's state dicts: checked only when the checkpoint has them.
 _ANNEAL_FIELDS = ("init_lr", "wsd_decay_steps", "lr_wsd_decay_style")
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -38,28 +40,53 @@ class LoadedField:
     config: Any
     checkpoint: Any
     in_force: Any
-    source: str  # "config" (override), "checkpoint", "both" (equal), or "config (not in checkpoint)"
+    source: str  # who won: "config" (override), "checkpoint", "both" (equal), "branch" or "extend"
+
+    @property
+    def differs(self) -> bool:
+        return self.config != self.checkpoint
 
 
 @dataclass(frozen=True)
 class LoadReport:
     """What ``load_state_dict`` took from the checkpoint and what it kept from the config."""
 
-    mode: str  # "override", "use-checkpoint" or "strict"
+    mode: str  # "override", "use-checkpoint", "strict", "branch" or "extend"
     num_steps: float
     fields: list[LoadedField] = field(default_factory=list)
 
     def table(self) -> str:
-        rows = [("field", "config", "checkpoint", "in force", "from")]
-        rows += [(f.name, repr(f.config), repr(f.checkpoint), repr(f.in_force), f.source) for f in self.fields]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        """One row per setting; ``*`` marks a setting where config and checkpoint differ, with its winner."""
+        this_run = self.mode if self.mode in ("branch", "extend") else "config"
+        rows = [("", "field", this_run, "checkpoint", "in force", "from")]
+        for f in self.fields:
+            winner = f"{f.source} wins" if f.differs else "both (equal)"
+            values = (_cell(f.config), _cell(f.checkpoint), _cell(f.in_force))
+            rows.append(("*" if f.differs else "", f.name, *values, winner))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        header = f"scheduler resumed at num_steps={self.num_steps} ({self.mode} mode)"
+        changed = sum(f.differs for f in self.fields)
+        header = (f"scheduler resumed at num_steps={self.num_steps} ({self.mode} mode): "
+                  f"{changed} setting(s) differ between config and checkpoint (marked *)")
         return "\n".join([header, *lines])
 
 
+def _cell(value: Any) -> str:
+    """A setting as the table shows it: exact (repr), param-group bounds as max/min per group."""
+    if isinstance(value, list):
+        return ", ".join(f"{g.get('max_lr', '-')!r}/{g.get('min_lr', '-')!r}" for g in value)
+    return repr(value)
+
+
 class OptimizerParamScheduler:
-    """Megatron-Core's ``OptimizerParamScheduler``, same constructor, methods and numbers."""
+    """Megatron-Core's ``OptimizerParamScheduler``, same constructor, methods and numbers.
+
+    The settings live in one frozen ``Schedule`` (``self.schedule``), replaced whole on load or
+    branch; Megatron's attribute names (``max_lr``, ``lr_decay_steps``, ...) read it, and setting one
+    replaces the schedule. ``resume_mode`` ("branch" or "extend", from ``anneal.resume``) makes the
+    next ``load_state_dict`` keep this schedule and take only the position from the checkpoint;
+    ``param_group_bounds`` replaces the groups' ``max_lr`` / ``min_lr`` (a branch from a decay).
+    """
 
     def __init__(
         self,
@@ -78,20 +105,12 @@ class OptimizerParamScheduler:
         override_opt_param_scheduler: bool = False,
         wsd_decay_steps: float | None = None,
         lr_wsd_decay_style: str | None = None,
+        resume_mode: str | None = None,
+        param_group_bounds: list[dict] | None = None,
     ) -> None:
         self.optimizer = optimizer
-        self.init_lr = init_lr
-        self.max_lr = float(max_lr)
-        self.min_lr = min_lr
-        self.lr_warmup_steps = lr_warmup_steps
-        self.lr_decay_steps = lr_decay_steps
-        self.lr_decay_style = lr_decay_style
-        self.wsd_decay_steps = wsd_decay_steps
-        self.lr_wsd_decay_style = lr_wsd_decay_style
-        self.start_wd = start_wd
-        self.end_wd = end_wd
-        self.wd_incr_steps = wd_incr_steps
-        self.wd_incr_style = wd_incr_style
+        self.schedule = Schedule(init_lr, float(max_lr), min_lr, lr_warmup_steps, lr_decay_steps, lr_decay_style,
+                                 start_wd, end_wd, wd_incr_steps, wd_incr_style, wsd_decay_steps, lr_wsd_decay_style)
         self.num_steps = 0
         if override_opt_param_scheduler and use_checkpoint_opt_param_scheduler:
             raise ConfigError(
@@ -100,38 +119,26 @@ class OptimizerParamScheduler:
             )
         self.override_opt_param_scheduler = override_opt_param_scheduler
         self.use_checkpoint_opt_param_scheduler = use_checkpoint_opt_param_scheduler
+        self.resume_mode = resume_mode
         validate_schedule(self.schedule)
+        for group, bounds in zip(optimizer.param_groups, param_group_bounds or ()):
+            group.update(bounds)  # a branch from a decay: each group's lr in force is its new peak
         self.step(0)
         logger.info("> learning rate decay style: %s", self.lr_decay_style)
 
+    @classmethod
+    def from_schedule(cls, optimizer: Any, schedule: Schedule, **flags: Any) -> OptimizerParamScheduler:
+        return cls(optimizer, **dataclasses.asdict(schedule), **flags)
+
+    def __getattr__(self, name: str) -> Any:  # only for names not found otherwise: Megatron's attributes
+        if name in _SCHEDULE_FIELDS and "schedule" in self.__dict__:
+            return getattr(self.__dict__["schedule"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SCHEDULE_FIELDS:  # Megatron code sets settings one by one: replace the schedule whole
+            value, name = dataclasses.replace(self.schedule, **{name: value}), "schedule"
         super().__setattr__(name, value)
-        if name in _SCHEDULE_FIELDS:  # the cached Schedule is stale once a setting changes
-            self.__dict__.pop("_schedule", None)
-
-    @property
-    def schedule(self) -> Schedule:
-        """The current settings as a frozen ``Schedule`` (built once, again after a setting changes)."""
-        cached = self.__dict__.get("_schedule")
-        if cached is None:
-            cached = self.__dict__["_schedule"] = self._build_schedule()
-        return cached
-
-    def _build_schedule(self) -> Schedule:
-        return Schedule(
-            init_lr=self.init_lr,
-            max_lr=self.max_lr,
-            min_lr=self.min_lr,
-            lr_warmup_steps=self.lr_warmup_steps,
-            lr_decay_steps=self.lr_decay_steps,
-            lr_decay_style=self.lr_decay_style,
-            start_wd=self.start_wd,
-            end_wd=self.end_wd,
-            wd_incr_steps=self.wd_incr_steps,
-            wd_incr_style=self.wd_incr_style,
-            wsd_decay_steps=self.wsd_decay_steps,
-            lr_wsd_decay_style=self.lr_wsd_decay_style,
-        )
 
     def phases(self) -> Phases:
         """Warmup end, stable end / anneal start, decay end and wd ramp end, in steps."""
@@ -164,21 +171,24 @@ class OptimizerParamScheduler:
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
 
     def state_dict(self) -> dict:
-        """Megatron's ten keys, plus ``init_lr`` and the WSD settings, which Megatron forgets."""
+        """Megatron's ten keys, plus ``init_lr`` and the WSD settings, which Megatron forgets, and each
+        param group's lr bounds (``param_group_bounds``), which belong to the schedule in force."""
+        s = self.schedule
         return {
-            "max_lr": self.max_lr,
-            "lr_warmup_steps": self.lr_warmup_steps,
+            "max_lr": s.max_lr,
+            "lr_warmup_steps": s.lr_warmup_steps,
             "num_steps": self.num_steps,
-            "lr_decay_style": self.lr_decay_style,
-            "lr_decay_steps": self.lr_decay_steps,
-            "min_lr": self.min_lr,
-            "start_wd": self.start_wd,
-            "end_wd": self.end_wd,
-            "wd_incr_style": self.wd_incr_style,
-            "wd_incr_steps": self.wd_incr_steps,
-            "init_lr": self.init_lr,
-            "wsd_decay_steps": self.wsd_decay_steps,
-            "lr_wsd_decay_style": self.lr_wsd_decay_style,
+            "lr_decay_style": s.lr_decay_style,
+            "lr_decay_steps": s.lr_decay_steps,
+            "min_lr": s.min_lr,
+            "start_wd": s.start_wd,
+            "end_wd": s.end_wd,
+            "wd_incr_style": s.wd_incr_style,
+            "wd_incr_steps": s.wd_incr_steps,
+            "init_lr": s.init_lr,
+            "wsd_decay_steps": s.wsd_decay_steps,
+            "lr_wsd_decay_style": s.lr_wsd_decay_style,
+            "param_group_bounds": group_bounds(self.optimizer.param_groups),
         }
 
     def load_state_dict(self, state_dict: dict) -> LoadReport:
@@ -189,9 +199,12 @@ class OptimizerParamScheduler:
         mismatch lists every differing field at once and changes nothing; a combination that
         would fail later (say a WSD checkpoint without WSD settings) is rejected now, also before
         anything changes. Megatron's own state dicts (no WSD keys, no wd keys, legacy names) load.
+        The param groups' lr bounds follow the same rule (Megatron keeps whatever the groups carry).
+        A branch or an extension (``resume_mode``) keeps this schedule and these bounds.
         """
         fields = [self._settle(name, _read(state_dict, name)) for name in _present_fields(state_dict)]
-        mismatched = [f for f in fields if f.source == "mismatch"]
+        bounds = self._settle_bounds(state_dict.get("param_group_bounds"))
+        mismatched = [f for f in [*fields, bounds] if f is not None and f.source == "mismatch"]
         if mismatched:
             diffs = "; ".join(f"{f.name}: config {f.config!r} vs checkpoint {f.checkpoint!r}" for f in mismatched)
             raise ConfigError(
@@ -200,44 +213,57 @@ class OptimizerParamScheduler:
                 "or scheduler.override_opt_param_scheduler=true to keep the config's"
             )
         values = {f.name: f.in_force for f in fields}
-        validate_schedule(Schedule(**{**self._settings(), **values}), prefix="loaded scheduler ")
-        num_steps = _read(state_dict, "num_steps")
+        loaded = dataclasses.replace(self.schedule, **values)
+        validate_schedule(loaded, prefix="loaded scheduler ")
+        if bounds is not None:
+            for group, saved in zip(self.optimizer.param_groups, bounds.in_force):
+                group.update(saved)
         # Megatron's order: lr settings, then step to the saved position, then wd settings, so the
         # wd written into the param groups by this step still comes from the previous wd settings.
-        for f in fields:
-            if f.name not in _WD_FIELDS:
-                setattr(self, f.name, f.in_force)
-        self.step(increment=num_steps)
-        for f in fields:
-            if f.name in _WD_FIELDS:
-                setattr(self, f.name, f.in_force)
-        report = LoadReport(self._mode(), self.num_steps, fields)
-        logger.info("%s", report.table())
-        return report
+        self.schedule = dataclasses.replace(loaded, **{n: getattr(self.schedule, n) for n in _WD_FIELDS})
+        self.step(increment=_read(state_dict, "num_steps"))
+        self.schedule = loaded
+        report = LoadReport(self.mode, self.num_steps, fields + ([bounds] if bounds is not None else []))
+        return report  # the caller prints report.table() once (Checkpointer.load)
 
     @property
     def mode(self) -> str:
-        """How load_state_dict settles config vs checkpoint: "override", "use-checkpoint" or "strict"."""
-        return self._mode()
-
-    def _mode(self) -> str:
+        """How load_state_dict settles config vs checkpoint: "override", "use-checkpoint" or "strict"
+        (or the ``resume_mode``, "branch" or "extend", which keeps the config's schedule)."""
+        if self.resume_mode:
+            return self.resume_mode
         if self.override_opt_param_scheduler:
             return "override"
         return "use-checkpoint" if self.use_checkpoint_opt_param_scheduler else "strict"
 
-    def _settings(self) -> dict:
-        s = self.schedule
-        return {name: getattr(s, name) for name in Schedule.__dataclass_fields__}
-
-    def _settle(self, name: str, checkpoint_value: Any) -> LoadedField:
-        config_value = getattr(self, name)
-        mode = self._mode()
-        if mode == "override":
-            return LoadedField(name, config_value, checkpoint_value, config_value, "config")
+    def _settle(self, name: str, checkpoint_value: Any, config_value: Any = _UNSET) -> LoadedField:
+        config_value = getattr(self.schedule, name) if config_value is _UNSET else config_value
+        mode = self.mode
+        if mode in ("override", "branch", "extend"):
+            source = "config" if mode == "override" else mode
+            return LoadedField(name, config_value, checkpoint_value, config_value, source)
         if mode == "use-checkpoint":
             return LoadedField(name, config_value, checkpoint_value, checkpoint_value, "checkpoint")
         source = "both" if config_value == checkpoint_value else "mismatch"
         return LoadedField(name, config_value, checkpoint_value, checkpoint_value, source)
+
+    def _settle_bounds(self, saved: list[dict] | None) -> LoadedField | None:
+        current = group_bounds(self.optimizer.param_groups)
+        if saved is None or saved == current:
+            return None
+        if len(saved) != len(current):
+            raise ConfigError(f"scheduler checkpoint has {len(saved)} param groups, this run {len(current)}")
+        return self._settle("param_group_bounds", saved, current)
+
+
+def group_bounds(groups: list[dict]) -> list[dict[str, float]]:
+    """Each param group's own ``max_lr`` / ``min_lr`` (empty when it has none)."""
+    return [{k: float(g[k]) for k in ("max_lr", "min_lr") if k in g} for g in groups]
+
+
+def saved_settings(state_dict: dict) -> dict[str, Any]:
+    """The schedule settings a scheduler state dict carries (Megatron's legacy key names understood)."""
+    return {name: _read(state_dict, name) for name in _present_fields(state_dict)}
 
 
 def _present_fields(state_dict: dict) -> list[str]:
