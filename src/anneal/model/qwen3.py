@@ -9,10 +9,16 @@ Parameter names (``embedding.weight``, ``layers.0.self_attn.q_norm.weight``,
 ``layers.0.input_layernorm.weight``, ``final_norm.weight``, ``output_layer.weight``) follow
 Hugging Face's within a layer, so checkpoints convert by renaming a few prefixes, and are easy to
 match with Megatron-style param-group rules: every norm ends in ``norm.weight``.
+
+``model(tokens)`` returns logits; ``model(tokens, labels=labels)`` returns the mean loss, computed
+inside the forward so that wrappers (FSDP, compile) see one call: chunked over tokens when
+``model.cross_entropy_chunk_size`` is set (``anneal.model.loss``), with activation recompute per
+``model.recompute_*`` (``anneal.model.recompute``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anneal.config.model import ModelConfig
+from anneal.model.loss import linear_cross_entropy
+from anneal.model.recompute import maybe_recompute, recompute_units
 
 # Output projections of each residual branch get std / sqrt(2 * num_layers), as in Megatron.
 _SCALED_INIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
@@ -78,6 +86,7 @@ class Attention(nn.Module):
         has_qk_norm = cfg.qk_layernorm
         self.q_norm = RMSNorm(self.head_dim, cfg.layernorm_epsilon) if has_qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.layernorm_epsilon) if has_qk_norm else None
+        self.recompute_core = cfg.recompute_granularity == "selective"  # recompute SDPA in the backward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -88,9 +97,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        context = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        attend = functools.partial(F.scaled_dot_product_attention, is_causal=True,
+                                   enable_gqa=self.num_kv_heads != self.num_heads)
+        context = maybe_recompute(self.recompute_core, attend, q, k, v)
         return self.o_proj(context.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -123,7 +132,7 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``."""
+    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``, or the mean loss given labels."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -136,17 +145,29 @@ class Qwen3Model(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         tied = cfg.share_embeddings_and_output_weights
         self.output_layer = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        full = cfg.recompute_granularity == "full"
+        self.units = recompute_units(cfg.num_layers, cfg.recompute_method if full else None,
+                                     cfg.recompute_num_layers)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``; with ``labels [batch, seq]``, the mean cross-entropy instead."""
         x = self.embedding(input_ids)
         cos, sin = rotary_cos_sin(
             input_ids.shape[1], self.cfg.head_dim, self.cfg.rotary_base, device=x.device, dtype=x.dtype
         )
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for start, stop, recompute in self.units:
+            x = maybe_recompute(recompute, self._run_layers, start, stop, x, cos, sin)
         x = self.final_norm(x)
         output_weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
-        return F.linear(x, output_weight)
+        if labels is None:
+            return F.linear(x, output_weight)
+        return linear_cross_entropy(x, output_weight, labels, self.cfg.cross_entropy_chunk_size)
+
+    def _run_layers(self, start: int, stop: int, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[start:stop]:
+            x = layer(x, cos, sin)
+        return x
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1,0 +1,74 @@
+"""The language-model loss from the last hidden states, optionally without ever holding full fp32 logits.
+
+``linear_cross_entropy(hidden, weight, labels, chunk_size)`` equals
+``F.cross_entropy(F.linear(hidden, weight).float(), labels)``. With ``chunk_size > 0`` it runs the
+output projection, the fp32 log-sum-exp and the loss over ``chunk_size`` tokens at a time; it keeps
+only the hidden states and one fp32 log-sum-exp per token for the backward pass, which recomputes
+each chunk's logits (one extra output-layer matmul) and writes that chunk's gradients. Peak memory
+for the loss is then ``chunk_size × vocab`` fp32 values instead of several ``tokens × vocab`` ones.
+
+The gradient of each chunk is formed as autograd forms the plain one: ``(softmax - onehot) ×
+grad / tokens`` in fp32, cast to the weights' dtype, then the two matmuls; so a loss scale (fp16)
+is applied before the cast, as in the plain path. The weight gradient is summed over chunks in fp32
+(a transient fp32 ``[vocab, hidden]`` buffer in the backward pass). Every label counts: there is no
+``ignore_index`` (pretraining windows hold no padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_size: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden [..., h] @ weight[V, h].T`` against ``labels [...]``; 0: plain."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if chunk_size <= 0:
+        return F.cross_entropy(F.linear(hidden, weight).float(), labels)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for rows in _chunks(hidden.shape[0], chunk_size):
+            logits = F.linear(hidden[rows], weight).float()
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            total += (lse[rows] - logits.gather(1, labels[rows, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size = chunk_size
+        return total / hidden.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        scale = grad.float() / hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            g = F.linear(hidden[rows], weight).float().sub_(lse[rows, None]).exp_()  # softmax
+            g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= 1.0
+            g = g.mul_(scale).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(g, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                _add_product(grad_weight, g.t(), hidden[rows])
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with ``out`` fp32: in place when the operands are fp32, else via one cast."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        out += torch.mm(a, b).float()
