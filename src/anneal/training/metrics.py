@@ -1,18 +1,28 @@
-"""Metrics every ``logger.log_interval``: JSON lines, TensorBoard and the console, on rank 0 only."""
+"""Metrics every ``logger.log_interval``: JSON lines, TensorBoard, W&B and the console, on rank 0 only.
+
+Console lines go through :mod:`logging`, so Hydra's job logging writes the same lines, in the same
+``LogFormatter`` format (set in ``conf/config.yaml``), to ``<run dir>/pretrain.log``.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from anneal.config.runtime import LoggerConfig
+from anneal.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device by name fragment: (16-bit, fp32 via TF32). Unknown devices give no MFU.
 PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
@@ -35,35 +45,145 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class MetricsLogger:
-    """Writes ``metrics.jsonl`` in the run directory, TensorBoard scalars and a console line."""
+class LogFormatter(logging.Formatter):
+    """anneal's one line format: ``[2026-01-31 12:00:00] message``; levels other than INFO are named."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, *, enabled: bool, total_iters: int) -> None:
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        if record.levelno == logging.INFO:
+            return line
+        stamp, _, message = line.partition("] ")
+        return f"{stamp}] {record.levelname}: {message}"
+
+
+def console_logging() -> None:
+    """Under Hydra, its job logging is already set up; a Python caller gets the same format on stdout."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(LogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def format_duration(seconds: float) -> str:
+    """``1:02:03``, or ``2d 1:02:03`` past a day."""
+    rest = int(round(seconds))
+    days, rest = divmod(rest, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    """Elapsed wall time and an ETA for the iterations left.
+
+    The rate is measured from the first logged iteration of this process on, so the warm-up before
+    it (allocator, compilation, caches) does not count, and a resumed run counts only its own
+    iterations; until a second log there is no rate, hence no ETA.
+    """
+
+    def __init__(self, total_iters: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total_iters = total_iters
+        self.clock = clock
+        self.start = clock()
+        self.mark: tuple[int, float] | None = None  # (iteration, time) of the first log
+
+    def update(self, iteration: int) -> dict[str, float | None]:
+        now = self.clock()
+        if self.mark is None:
+            self.mark = (iteration, now)
+        first, since = self.mark
+        done = iteration - first
+        eta = (now - since) / done * max(self.total_iters - iteration, 0) if done > 0 else None
+        return {"elapsed_s": now - self.start, "eta_s": eta}
+
+
+def wandb_mode(mode: str, environ: Mapping[str, str]) -> str:
+    """``logger.wandb_mode`` resolved: ``auto`` takes $WANDB_MODE if set, else online when $WANDB_API_KEY
+    is set, else offline (a machine without credentials is treated as one without network)."""
+    if mode != "auto":
+        return mode
+    if environ.get("WANDB_MODE"):
+        return environ["WANDB_MODE"]
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbSink:
+    """One W&B run (rank 0) that receives every numeric metric, stepped by iteration."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_config: dict | None) -> None:
+        try:
+            import wandb
+        except ImportError as error:
+            raise ConfigError(f"logger.wandb_project ({cfg.wandb_project!r}) needs the wandb package: "
+                              "pip install 'anneal[wandb]'") from error
+        save_dir = Path(cfg.wandb_save_dir) if cfg.wandb_save_dir else run_dir
+        save_dir.mkdir(parents=True, exist_ok=True)
+        mode = wandb_mode(cfg.wandb_mode, os.environ)
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_exp_name,
+                              dir=str(save_dir), mode=mode, config=run_config,
+                              settings=wandb.Settings(silent=True))
+        log.info(_wandb_line(mode, self.run))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(_finite_numbers(record), step=record["iteration"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _wandb_line(mode: str, run: Any) -> str:
+    if mode == "disabled":
+        return "W&B: disabled (logger.wandb_mode or $WANDB_MODE)"
+    if mode != "offline":
+        return f"W&B: {mode} run {run.url}"
+    where = Path(run.dir).parent  # <save dir>/wandb/offline-run-<time>-<id>
+    return f"W&B: offline run {run.id} in {where}; upload it with `wandb sync {where}`"
+
+
+def _finite_numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {key: value for key, value in record.items() if key != "iteration" and not isinstance(value, bool)
+            and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
+class MetricsLogger:
+    """Writes ``metrics.jsonl`` in the run directory, TensorBoard scalars, W&B and a console line."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, *, enabled: bool, total_iters: int,
+                 run_config: dict | None = None) -> None:
         self.cfg = cfg
         self.enabled = enabled
         self.total_iters = total_iters
         self.path = run_dir / "metrics.jsonl"
-        self._file = None
-        self._tb = None
+        self.progress = Progress(total_iters)
+        self._file = self._tb = self._wandb = None
         if enabled:
+            console_logging()
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
-            self._tb = _tensorboard(Path(cfg.tensorboard_dir) if cfg.tensorboard_dir else run_dir / "tensorboard")
+            self._tb = _tensorboard(Path(cfg.tensorboard_dir or run_dir / "tensorboard"))
+            self._wandb = WandbSink(cfg, run_dir, run_config) if cfg.wandb_project else None
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if "loss" in record:  # a training record (not a validation one)
+            record = {**record, **self.progress.update(record["iteration"])}
         self._file.write(json.dumps(record) + "\n")
-        step = record["iteration"]
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-        print(self._console(record), flush=True)
+            for key, value in _finite_numbers(record).items():
+                self._tb.add_scalar(key, value, record["iteration"])
+        if self._wandb is not None:
+            self._wandb.log(record)
+        log.info(self._console(record))
 
     def info(self, text: str) -> None:
         if self.enabled:
-            print(text, flush=True)
+            for line in text.splitlines():  # one prefix per line in the console and in pretrain.log
+                log.info(line)
 
     def _console(self, r: dict[str, Any]) -> str:
         it = r["iteration"]
@@ -71,10 +191,12 @@ class MetricsLogger:
         head = f"[{it:>{width}}/{self.total_iters} {100 * it / self.total_iters:3.0f}%]" \
             if self.cfg.progress_bar else f"iter {it}"
         if "valid_loss" in r:
-            return f"{head} validation loss {r['valid_loss']:.4f} ppl {math.exp(min(r['valid_loss'], 50)):.2f}"
+            ppl = math.exp(min(r["valid_loss"], 50))
+            return f"{head} validation loss {r['valid_loss']:.4f} ppl {ppl:.2f}"
         parts = [head, f"samples {r['consumed_samples']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
-                 f"wd {r['weight_decay']:.3g}", f"gnorm {r['grad_norm']:.3f}",
-                 f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"{r['tflops_per_device']:.3f} TFLOP/s"]
+                 f"wd {r['weight_decay']:.3g}", f"gnorm {r['grad_norm']:.3f}"]
+        if "tokens_per_s" in r:
+            parts += [f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"{r['tflops_per_device']:.3f} TFLOP/s"]
         if r.get("mfu") is not None:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         if r.get("skipped_iters"):
@@ -82,20 +204,25 @@ class MetricsLogger:
         if r.get("loss_scale", 1.0) != 1.0:
             parts.append(f"scale {r['loss_scale']:.3g}")
         parts.append(f"mem {r['peak_mem_mb']:.0f}MB")
+        parts.append(_times(r["elapsed_s"], r["eta_s"]))
         return " | ".join(parts)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for sink in (self._file, self._tb, self._wandb):
+            if sink is not None:
+                sink.close()
+
+
+def _times(elapsed_s: float, eta_s: float | None) -> str:
+    eta = f", ETA {format_duration(eta_s)}" if eta_s is not None else ""
+    return f"elapsed {format_duration(elapsed_s)}{eta}"
 
 
 def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
-        print("anneal: tensorboard unavailable; metrics go to metrics.jsonl and the console", file=sys.stderr)
+        log.warning("anneal: tensorboard unavailable; metrics go to metrics.jsonl and the console")
         return None
     return SummaryWriter(log_dir=str(path))
 
