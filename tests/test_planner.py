@@ -90,3 +90,91 @@ def test_untied_output_layer_is_counted() -> None:
     tied = ModelConfig()
     untied = ModelConfig(share_embeddings_and_output_weights=False)
     assert meta_parameter_count(untied) - meta_parameter_count(tied) == tied.vocab_size * tied.hidden_size
+
+
+def _meminfo(tmp_path, monkeypatch, kib: int) -> None:
+    import anneal.planner
+
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {kib} kB\n")
+    monkeypatch.setattr(anneal.planner, "MEMINFO", str(path))
+
+
+def test_check_fits_passes_when_the_state_fits_in_available_memory(tmp_path, monkeypatch) -> None:
+    from anneal.planner import check_fits
+
+    _meminfo(tmp_path, monkeypatch, 64 * 1024 * 1024)  # 64 GiB
+    check_fits(_cfg(), world_size=1, device="cpu")
+
+
+def test_check_fits_refuses_with_the_numbers(tmp_path, monkeypatch) -> None:
+    from anneal.errors import ConfigError
+    from anneal.model.flops import num_parameters
+    from anneal.planner import check_fits
+
+    cfg = _cfg()
+    need = 16 * num_parameters(cfg.model)  # fp32 Adam: 4 + 4 + 8 B per parameter
+    _meminfo(tmp_path, monkeypatch, need // 1024 - 1)
+    with pytest.raises(ConfigError, match=r"^model \([\d,]+ parameters\) does not fit: .* need "
+                                          rf"{need / 1024**3:.2f} GiB per rank \(4\+4\+8 B per parameter"):
+        check_fits(cfg, world_size=1, device="cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two CPU ranks share the machine's memory
+    _meminfo(tmp_path, monkeypatch, need // 1024 + 1)
+    with pytest.raises(ConfigError, match=r"× 2 ranks on this machine"):
+        check_fits(cfg, world_size=2, device="cpu")
+
+
+def _model_cfg(bf16: bool = True, **model) -> ConfigContainer:
+    shape = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 512, "vocab_size": 1000}
+    return ConfigContainer(train=TrainingConfig(train_iters=100, global_batch_size=32, micro_batch_size=2),
+                           model=ModelConfig(**{**shape, **model}), optimizer=OptimizerConfig(lr=1e-3, bf16=bf16))
+
+
+@pytest.mark.parametrize(("recompute", "per_layer_terms"), [
+    ({}, "none"), ({"recompute_granularity": "selective"}, "selective"),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}, "full-1"),
+    ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2}, "full-2"),
+    ({"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1}, "block-1"),
+])
+def test_activations_follow_korthikantis_formula_per_recompute_setting(recompute, per_layer_terms) -> None:
+    s, b, h, a, L = 512, 2, 256, 4, 4
+    layer = s * b * h * (34 + 5 * a * s / h)  # 16-bit, no recompute (Korthikanti et al., eq. 1)
+    expected = {"none": L * layer, "selective": L * s * b * h * 34,
+                "full-1": L * 2 * s * b * h + layer,  # each layer's input + the layer being recomputed
+                "full-2": 2 * 2 * s * b * h + 2 * layer,  # two units of two layers
+                "block-1": 2 * s * b * h + 3 * layer}[per_layer_terms]
+    rank = plan(_model_cfg(**recompute), 3200, [1]).ranks[0]
+    assert rank.activations == pytest.approx(expected)
+    assert plan(_model_cfg(bf16=False, **recompute), 3200, [1]).ranks[0].activations == pytest.approx(2 * expected)
+
+
+def test_chunked_loss_shrinks_the_logits_and_the_peak() -> None:
+    plain = plan(_model_cfg(), 3200, [1]).ranks[0]
+    chunked = plan(_model_cfg(cross_entropy_chunk_size=128), 3200, [1]).ranks[0]
+    assert plain.logits == 12 * 2 * 512 * 1000  # three fp32 [tokens, vocab] tensors
+    assert chunked.logits == 12 * 128 * 1000
+    assert chunked.peak(False) == plain.peak(False) - plain.logits + chunked.logits
+    assert plain.peak(False) == plain.total + plain.activations + plain.logits
+
+
+def test_table_shows_the_working_memory_of_each_setting() -> None:
+    cfg = _model_cfg(recompute_granularity="selective", cross_entropy_chunk_size=256)
+    text = plan_table(plan(cfg, 3200, [1, 8]), cfg)
+    assert "activations / microbatch (2 × 512 tokens): 34.0 MiB (selective); none 74.0 MiB, selective 34.0 MiB" in text
+    assert "logits / microbatch: 2.9 MiB (chunked per 256 tokens); plain 11.7 MiB" in text
+    (head,) = [line for line in text.splitlines() if line.split()[:1] == ["dp"]]
+    assert head.split()[-1] == "peak"
+
+
+def test_check_fits_counts_activations_and_suggests_recompute(tmp_path, monkeypatch) -> None:
+    from anneal.errors import ConfigError
+    from anneal.planner import check_fits
+
+    cfg = _model_cfg(num_layers=64, seq_length=4096)
+    rank = plan(cfg, 3200, [1]).ranks[0]
+    _meminfo(tmp_path, monkeypatch, int(rank.total + rank.activations / 2) // 1024)  # states fit, activations don't
+    with pytest.raises(ConfigError, match=r"activations and logits .* recompute activations "
+                                          r"\(model.recompute_granularity\), chunk the loss"):
+        check_fits(cfg, world_size=1, device="cpu")
+    cfg.model.recompute_granularity = "selective"  # 5as/h = 80 of the 114 per-layer terms gone
+    check_fits(cfg, world_size=1, device="cpu")

@@ -59,3 +59,76 @@ def test_resolved_yaml_goes_back_into_the_launcher(tmp_path) -> None:
     out = run_cli("--config-path", str(tmp_path), "--config-name", "resolved", "dry_run=true")
     assert out.returncode == 0, out.stderr
     assert "lr WSD" in out.stdout and "pattern: embedding.*" in out.stdout
+
+
+def test_shortened_run_error_says_the_warmup_is_a_default_and_gives_the_fix() -> None:
+    out = run_cli("train.train_iters=10", "dry_run=true")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "anneal: error: scheduler.lr_warmup_iters (30, a default) must be < train.train_iters (10): the warmup "
+        "must end before the decay does; override the default: scheduler.lr_warmup_iters=1, or "
+        "scheduler.lr_warmup_fraction=0.1 (a tenth of the decay)")
+
+
+def test_warmup_fraction_replaces_the_default_iteration_count() -> None:
+    out = run_cli("train.train_iters=10", "scheduler.lr_warmup_fraction=0.1", "dry_run=true")
+    assert out.returncode == 0, out.stderr
+    assert ("note: scheduler.lr_warmup_fraction (set on the command line) replaces the default "
+            "scheduler.lr_warmup_iters (30), which is not used") in out.stdout
+    rows = {line[:28].strip(): line[28:].split() for line in out.stdout.splitlines() if line[:28].strip()}
+    assert rows["warmup end"][:2] == ["1", "16"]  # 0.1 × 10 iterations of 16 samples
+
+
+def test_warmup_fraction_and_iterations_both_typed_are_refused() -> None:
+    out = run_cli("train.train_iters=10", "scheduler.lr_warmup_fraction=0.1", "scheduler.lr_warmup_iters=2",
+                  "dry_run=true")
+    assert out.returncode == 2
+    assert "are mutually exclusive and both are set on the command line" in out.stderr
+
+
+def test_train_samples_train_whole_global_batches_as_megatron() -> None:
+    out = run_cli("train.train_samples=5000", "train.global_batch_size=32",
+                  "scheduler.lr_warmup_fraction=0.01", "dry_run=true")
+    assert out.returncode == 0, out.stderr
+    rows = {line[:28].strip(): line[28:].split() for line in out.stdout.splitlines() if line[:28].strip()}
+    assert rows["end of training"][:2] == ["156", "4992"]  # 5000 // 32 iterations, as Bridge
+    assert rows["decay end"][1] == "5000"  # the schedule spans train_samples, as Bridge
+
+
+def test_relative_config_path_is_read_from_the_current_directory(tmp_path) -> None:
+    from anneal.config.compose import load, to_yaml
+
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "resolved.yaml").write_text(to_yaml(load(["scheduler=wsd"])))
+    out = run_cli("--config-path", "saved", "--config-name", "resolved", "dry_run=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "lr WSD" in out.stdout
+    out = run_cli("--config-path", "nowhere", "dry_run=true", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"anneal: error: --config-path ('nowhere') is not a directory "
+                                  f"(looked for {tmp_path / 'nowhere'})")
+
+
+def test_model_too_large_for_memory_is_refused_before_building_and_leaves_no_run_dir(tmp_path) -> None:
+    huge = ("model.num_layers=1", "model.hidden_size=262144", "model.ffn_hidden_size=8",
+            "model.vocab_size=4000000")  # about 1e12 parameters: 15 TiB of weights, grads and Adam state
+    out = run_cli(*huge, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("anneal: error: model (1,048,") and "does not fit" in line
+    assert "GiB free (MemAvailable in /proc/meminfo)" in line
+    assert not (tmp_path / "outputs").exists()  # the run directory held only .hydra/: removed
+
+
+def test_help_describes_the_fields() -> None:
+    out = run_cli("--help", "optimizer=sgd")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.strip().startswith("optimizer.sgd_momentum"))
+    assert "in [0, 1)" in row
+    assert "scheduler=" in out.stdout and "-m A=x,y" in out.stdout
+
+
+def test_param_group_rules_take_plain_mappings_on_the_command_line() -> None:
+    out = run_cli("optimizer.param_group_rules=[{pattern: 'embedding.*', lr_mult: 0.1}]", "dry_run=true")
+    assert out.returncode == 0, out.stderr
+    assert "pattern: embedding.*" in out.stdout and "lr_mult: 0.1" in out.stdout

@@ -87,7 +87,8 @@ def test_rampup_keeps_warmup_and_decay_exact_in_samples() -> None:
 def test_sample_based_run_converts_to_iterations() -> None:
     train = TrainingConfig(train_samples=1000, global_batch_size=32, micro_batch_size=8)
     derived = derive(train, OptimizerConfig(lr=1e-3), SchedulerConfig(lr_warmup_samples=100))
-    assert derived.train_iters == 32  # ceil(1000 / 32)
+    assert derived.train_iters == 31  # 1000 // 32, as Megatron-Bridge: whole global batches only
+    assert derived.train_samples == 992  # what the run trains
     assert derived.schedule.lr_warmup_steps == 100 and derived.schedule.lr_decay_steps == 1000
 
 

@@ -81,7 +81,15 @@ def report(cfg: ConfigContainer, derived: Derived) -> str:
 
 def report_parts(cfg: ConfigContainer, derived: Derived):
     """The report in two parts: config and schedule at once, then the plan, which imports torch."""
-    yield "\n".join(["# resolved config", to_yaml(cfg), "# derived", schedule_table(cfg, derived)])
+    notes = [f"note: {note}" for note in derived.notes]
+    yield "\n".join(["# resolved config", to_yaml(cfg), "# derived", *notes, schedule_table(cfg, derived)])
+    from anneal.data.mix import mix_table  # imports numpy, not torch
+
+    yield "\n".join(["# data", mix_table(cfg.dataset, derived, cfg.model.seq_length)])
     from anneal.planner import plan, plan_table
 
     yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, data_parallel_sizes()), cfg)])
+    from anneal.resume_preview import preview  # with a checkpoint to resume: the decision and its figure
+
+    if resume := preview(cfg, derived):
+        yield resume

@@ -4,28 +4,37 @@ The config is composed and validated before Hydra sets up a run directory and be
 process group or model exists; a bad value exits with one line on stderr (exit code 2). A run
 that fails prints one line and exits 1; see ``anneal.exits`` for every code.
 Set ANNEAL_FULL_ERROR=1 (or HYDRA_FULL_ERROR=1) for the traceback.
+
+``-m`` (Hydra multirun) sweeps: Hydra's launcher runs one job per combination, each in its own
+directory under ``multirun/``; each job is validated when it starts, a bad or failed job prints its
+one line and the sweep goes on, and the process exits non-zero at the end if any job failed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
 from collections.abc import Callable
 
 from anneal import exits
 from anneal.cli import args as cli_args
+from anneal.cli import jobs
 from anneal.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = cli_args.parse(argv)
     try:
-        from anneal.config.compose import load
+        argv = cli_args.absolute_config_dirs(argv)
+        args = cli_args.parse(argv)
+        if args.help:
+            from anneal.cli.help import help_text
 
-        cfg = load(args.overrides, args.config_name, args.search_dir)
-        derived = None if args.hydra_only else cfg.validate()
+            print(help_text(args.overrides, args.config_name, args.search_dir))
+            return
+        if args.multirun:
+            return _sweep(argv, args)
+        cfg, derived = _check(args)
     except ConfigError as error:
         fail(error)
     if cfg.dry_run and not args.hydra_only:
@@ -35,7 +44,29 @@ def main(argv: list[str] | None = None) -> None:
             print(part, flush=True)
         return
     sys.argv = [sys.argv[0], *argv, *_rank_overrides(argv)]
-    _hydra_main()
+    _hydra_main(args)
+
+
+def _check(args: cli_args.Args):
+    """The composed config and, unless Hydra only prints, its derived values (ConfigError if invalid)."""
+    from anneal.config.compose import load
+    from anneal.config.provenance import UserSet
+
+    cfg = load(args.overrides, args.config_name, args.search_dir)
+    return cfg, None if args.hydra_only else cfg.validate(UserSet.from_overrides(args.overrides))
+
+
+def _sweep(argv: list[str], args: cli_args.Args) -> None:
+    """Hand the sweep to Hydra; exit non-zero at the end if any job failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("-m/--multirun (a Hydra sweep) cannot run under torchrun: every rank would sweep "
+                          "on its own; launch one torchrun per job (or use hydra/launcher=submitit_slurm)")
+    jobs.check_sweep(args.overrides, args.config_name, args.search_dir)
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main(args)
+    code = jobs.sweep_exit_code()
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 def _rank_overrides(argv: list[str]) -> list[str]:
@@ -63,6 +94,9 @@ def guarded(fn: Callable[[], int]) -> int:
     """``fn()``'s exit code; an exception becomes its one line on stderr and code 2 or 1."""
     try:
         return fn()
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT
+        exits.report("interrupted by Ctrl-C before training started; nothing was saved")
+        return exits.INTERRUPTED
     except Exception as error:
         if exits.full_error_requested():
             raise
@@ -71,19 +105,36 @@ def guarded(fn: Callable[[], int]) -> int:
 
 
 def _train(dict_cfg) -> int:
+    """One Hydra job: instantiate, validate with the job's own overrides, then dry-run or train."""
     from anneal.config.compose import instantiate
-    from anneal.training.run import run
+    from anneal.config.provenance import UserSet
 
     cfg = instantiate(dict_cfg)
-    return run(cfg, cfg.validate())
+    derived = cfg.validate(UserSet.from_overrides(jobs.job_overrides()))
+    if derived.notes and not cfg.dry_run and int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(f"anneal: note: {note}" for note in derived.notes), flush=True)
+    if cfg.dry_run:
+        from anneal.cli.dry_run import report_parts
+
+        for part in report_parts(cfg, derived):
+            print(part, flush=True)
+        return exits.OK
+    from anneal.training.run import run
+
+    return run(cfg, derived)
 
 
-def _hydra_main() -> None:
+def _hydra_main(args: cli_args.Args) -> None:
     import hydra
 
     @hydra.main(config_path="pkg://anneal.conf", config_name="config", version_base=None)
-    def task(dict_cfg) -> None:
-        exits.leave(guarded(lambda: _train(dict_cfg)))
+    def task(dict_cfg) -> int:
+        code = guarded(lambda: _train(dict_cfg))
+        jobs.finish(code, dry_run=bool(dict_cfg.get("dry_run")))
+        exits.record(code, jobs.run_dir())  # torchrun reports only 0/1: the code is kept for a requeue
+        if not args.multirun or code in exits.STOP_CODES.values():  # Ctrl-C or SIGTERM ends a sweep
+            exits.leave(code)
+        return code
 
     task()
 

@@ -66,3 +66,8 @@ class BatchRamp:
             done += count
         ramp_end = self.samples_after(done)
         return done + max(0, math.ceil((samples - ramp_end) / self.global_batch_size))
+
+    def whole_iterations(self, samples: int) -> int:
+        """The most iterations that consume at most ``samples`` samples (Megatron's floor)."""
+        iterations = self.iterations_for(samples)
+        return iterations if self.samples_after(iterations) <= samples else iterations - 1

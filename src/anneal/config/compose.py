@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from anneal.config.container import ConfigContainer
 from anneal.errors import ConfigError, closest
@@ -38,6 +39,7 @@ def instantiate(cfg: DictConfig) -> ConfigContainer:
     """Check every key against its dataclass, then build the dataclasses with Hydra."""
     from hydra.utils import instantiate as hydra_instantiate
 
+    _add_list_targets(cfg)
     _check_keys(cfg, "")
     try:
         container = hydra_instantiate(cfg, _convert_="all")
@@ -92,6 +94,25 @@ def _check_keys(node: Any, path: str) -> None:
     for key in node.keys():
         if key not in _HYDRA_KEYS:
             _check_keys(node._get_node(key), f"{path}.{key}" if path else str(key))
+
+
+def _add_list_targets(node: DictConfig, path: str = "") -> None:
+    """Entries of a list of dataclasses (``optimizer.param_group_rules``) may be plain mappings: each
+    one without a ``_target_`` gets its class's, so ``[{pattern: 'embedding.*', lr_mult: 0.1}]`` works."""
+    target = node.get("_target_")
+    cls = _locate(str(target), path) if target is not None else None
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    for key in node.keys():
+        child, where = node._get_node(key), f"{path}.{key}" if path else str(key)
+        if isinstance(child, DictConfig):
+            _add_list_targets(child, where)
+        elif isinstance(child, ListConfig) and typing.get_origin(hints.get(key)) is list:
+            item_cls = typing.get_args(hints[key])[0]
+            if dataclasses.is_dataclass(item_cls):
+                for item in child:
+                    if isinstance(item, DictConfig) and "_target_" not in item:
+                        with open_dict(item):
+                            item["_target_"] = f"{item_cls.__module__}.{item_cls.__qualname__}"
 
 
 def _locate(target: str, path: str) -> Any:

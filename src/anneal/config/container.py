@@ -8,7 +8,10 @@ from anneal.config.dataset import DatasetConfig
 from anneal.config.derive import Derived, derive
 from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
-from anneal.config.runtime import CheckpointConfig, DistributedConfig, LoggerConfig, RNGConfig
+from anneal.config.provenance import UserSet
+from anneal.config.ranges import check_ranges
+from anneal.config.runtime import (CheckpointConfig, DistributedConfig, LoggerConfig, ProfilingConfig,
+                                   RNGConfig)
 from anneal.config.scheduler import SchedulerConfig
 from anneal.config.torch_scheduler import TorchSchedulerConfig
 from anneal.config.training import TrainingConfig
@@ -25,21 +28,37 @@ class ConfigContainer:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     rng: RNGConfig = field(default_factory=RNGConfig)
-    dry_run: bool = False
+    dry_run: bool = False  # print the resolved config, derived schedule and plan; train nothing
 
-    def validate(self) -> Derived:
-        """Check types, every section, then the rules across sections; return the derived values."""
+    def validate(self, user_set: UserSet | None = None) -> Derived:
+        """Check types, ranges, every section, then the rules across sections; return the derived values.
+
+        ``user_set``: the keys set on the command line (None: all), so errors mark defaults as such.
+        """
+        try:
+            return self._validate(user_set or UserSet())
+        except ConfigError as error:
+            annotated = (user_set or UserSet()).annotate(error)
+            if annotated is error:
+                raise
+            raise annotated from error
+
+    def _validate(self, user_set: UserSet) -> Derived:
         check_types(self)
+        check_ranges(self)
         for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
-                        self.checkpoint, self.logger, self.dist, self.rng):
+                        self.checkpoint, self.logger, self.profiling, self.dist, self.rng):
             section.validate()
         known = self.dataset.known_max_token()
         if known is not None and known >= self.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({self.model.vocab_size}) must be > the largest token of "
                               f"dataset.kind {self.dataset.kind!r} ({known})")
-        return derive(self.train, self.optimizer, self.scheduler)
+        self.dataset.check_against(self.model.vocab_size, getattr(self.scheduler, "lr_decay_style", None),
+                                   eval_interval=self.train.eval_interval if self.train.eval_iters else None)
+        return derive(self.train, self.optimizer, self.scheduler, user_set)
 
 
 def check_world(train: TrainingConfig, data_parallel_size: int) -> int:

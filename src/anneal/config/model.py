@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anneal.errors import ConfigError
+from anneal.errors import ConfigError, check_choice
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")  # or None: no recompute
+RECOMPUTE_METHODS = ("uniform", "block")
 
 _POSITIVE_INT_FIELDS = (
     "num_layers",
@@ -28,19 +31,28 @@ _BOOL_FIELDS = ("share_embeddings_and_output_weights", "qk_layernorm")
 class ModelConfig:
     """A Qwen3 decoder: RMSNorm, GQA attention with RoPE and q/k RMSNorm, SwiGLU MLP, no biases."""
 
-    num_layers: int = 4
-    hidden_size: int = 256
-    ffn_hidden_size: int = 768
-    num_attention_heads: int = 4
+    num_layers: int = 4  # transformer blocks
+    hidden_size: int = 256  # width of the residual stream
+    ffn_hidden_size: int = 768  # width of the SwiGLU MLP
+    num_attention_heads: int = 4  # query heads
     num_query_groups: int | None = 2  # key/value heads; None means num_attention_heads (MHA)
     kv_channels: int | None = 64  # head dim; None means hidden_size // num_attention_heads
-    vocab_size: int = 320
+    vocab_size: int = 320  # embedding rows; must exceed the data's largest token id
     seq_length: int = 256  # tokens per sample
     rotary_base: float = 1000000.0  # RoPE theta
     share_embeddings_and_output_weights: bool = True  # tied input/output embeddings
     qk_layernorm: bool = True  # per-head RMSNorm on queries and keys
-    init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-6
+    init_method_std: float = 0.02  # std of the normal weight initialisation
+    layernorm_epsilon: float = 1e-6  # RMSNorm epsilon
+    # Tokens per chunk of the loss: the output layer and fp32 cross-entropy run chunk by chunk, forward and
+    # backward, so [tokens, vocab] fp32 logits never exist (README: Memory). 0: one full-logits pass.
+    cross_entropy_chunk_size: int = 0
+    # Activation recompute (Megatron's names): null (none), "full" (whole layers, per recompute_method)
+    # or "selective" (only the attention core, SDPA, is recomputed in the backward pass).
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None  # full only: "uniform" (units of recompute_num_layers) or "block"
+    # full only: layers per recomputed unit (uniform), or how many first layers are recomputed (block)
+    recompute_num_layers: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -60,6 +72,7 @@ class ModelConfig:
         """Raise ConfigError naming the first field that breaks a rule."""
         self._check_types()
         self._check_head_shapes()
+        self._check_recompute()
 
     def _check_types(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -91,6 +104,25 @@ class ModelConfig:
                 f"model.kv_channels ({self.kv_channels}) must give an even head dim for RoPE, "
                 f"got {self.head_dim}"
             )
+
+    def _check_recompute(self) -> None:
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is not None:
+            check_choice("model.recompute_granularity", granularity, RECOMPUTE_GRANULARITIES)
+        if granularity != "full":
+            for name, value in (("recompute_method", method), ("recompute_num_layers", n)):
+                if value is not None:
+                    raise ConfigError(f"model.{name} ({value!r}) needs model.recompute_granularity 'full', "
+                                      f"not {granularity!r}; leave it null otherwise")
+            return
+        if method is None:
+            choices = ", ".join(map(repr, RECOMPUTE_METHODS))
+            raise ConfigError(f"model.recompute_method (None) must be one of {choices} "
+                              "when model.recompute_granularity is 'full'")
+        check_choice("model.recompute_method", method, RECOMPUTE_METHODS)
+        if n is None or not 1 <= n <= self.num_layers:
+            raise ConfigError(f"model.recompute_num_layers ({n!r}) must be in [1, model.num_layers "
+                              f"({self.num_layers})] when model.recompute_granularity is 'full'")
 
 
 def _positive_int(path: str, value: object) -> None:

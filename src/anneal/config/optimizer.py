@@ -18,37 +18,38 @@ class ParamGroupRule:
     decay. The first matching rule wins. A rule that matches no parameter is an error.
     """
 
-    pattern: str = "*"
-    lr_mult: float = 1.0
-    wd_mult: float = 1.0
+    pattern: str = "*"  # fnmatch pattern over parameter names, e.g. 'embedding.*'
+    lr_mult: float = 1.0  # multiplies the group's max_lr and min_lr
+    wd_mult: float = 1.0  # multiplies the group's weight decay
 
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "adam"
-    lr: float | None = None
-    min_lr: float | None = None
+    optimizer: str = "adam"  # one of OPTIMIZERS: adam (decoupled weight decay, AdamW) or sgd
+    lr: float | None = None  # peak learning rate (the schedule's max_lr)
+    min_lr: float | None = None  # learning rate at the end of the decay; None means 0.0
     decoupled_lr: float | None = None  # embeddings and output layer, when set
-    decoupled_min_lr: float | None = None
-    weight_decay: float = 0.01
-    apply_wd_to_qk_layernorm: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-08
-    sgd_momentum: float = 0.9
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    bf16: bool = False
-    fp16: bool = False
+    decoupled_min_lr: float | None = None  # min_lr of the decoupled_lr parameters
+    weight_decay: float = 0.01  # decoupled weight decay; the scheduler's start/end default to it
+    apply_wd_to_qk_layernorm: bool = False  # also decay the q/k RMSNorm weights (never other norms)
+    adam_beta1: float = 0.9  # Adam's first-moment decay, in [0, 1)
+    adam_beta2: float = 0.999  # Adam's second-moment decay, in [0, 1)
+    adam_eps: float = 1e-08  # Adam's denominator epsilon, > 0
+    sgd_momentum: float = 0.9  # SGD momentum, in [0, 1); 0 keeps no momentum buffer
+    clip_grad: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    use_distributed_optimizer: bool = False  # shard the optimizer state over data-parallel ranks (ZeRO-1)
+    overlap_grad_reduce: bool = False  # overlap the gradient reduction with the backward pass
+    overlap_param_gather: bool = False  # overlap the parameter all-gather with the next forward
+    bf16: bool = False  # bf16 mixed precision: bf16 weights, fp32 main grads and master weights
+    fp16: bool = False  # fp16 mixed precision with loss scaling
     loss_scale: float | None = None  # static loss scale; None means dynamic (fp16 only)
     initial_loss_scale: float = 4294967296.0  # 2**32
-    min_loss_scale: float = 1.0
-    loss_scale_window: float = 1000
-    hysteresis: int = 2
+    min_loss_scale: float = 1.0  # the dynamic loss scale never drops below this
+    loss_scale_window: float = 1000  # iterations without overflow before the dynamic scale doubles
+    hysteresis: int = 2  # overflows tolerated before the dynamic scale halves
     # anneal's additions
     distributed_backend: str = "auto"  # auto: apex when importable with CUDA, else native
+    # Layer-wise multipliers: [{pattern: 'embedding.*', lr_mult: 0.1}, ...]; the first match wins.
     param_group_rules: list[ParamGroupRule] = field(default_factory=list)
 
     def validate(self) -> None:

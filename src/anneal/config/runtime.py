@@ -1,13 +1,16 @@
-"""Sections for the run around the model: ``checkpoint.``, ``logger.``, ``dist.``, ``rng.``."""
+"""Sections for the run around the model: ``checkpoint.``, ``logger.``, ``profiling.``, ``dist.``,
+``rng.``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from anneal.errors import ConfigError, check_choice
 
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass
@@ -16,47 +19,98 @@ class CheckpointConfig:
     load: str | None = None  # a checkpoint directory, or a save directory (its latest checkpoint)
     save_interval: int | None = None  # iterations; None saves only at the end and on SIGTERM
     most_recent_k: int | None = None  # keep the last K checkpoints; None keeps all
-    load_optim: bool = True
-    load_rng: bool = True
+    load_optim: bool = True  # restore the optimizer state on load
+    load_rng: bool = True  # restore every rank's RNG state on load
     finetune: bool = False  # load weights only; iteration and scheduler start from zero
+    # A Hugging Face model directory whose weights start the run when there is no checkpoint to resume.
+    pretrained_checkpoint: str | None = None
 
     def validate(self) -> None:
         for name in ("save_interval", "most_recent_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"checkpoint.{name} ({value}) must be >= 1 or null")
+        self._check_pretrained()
+
+    def _check_pretrained(self) -> None:
+        path = self.pretrained_checkpoint
+        if path is None:
+            return
+        if self.finetune:
+            raise ConfigError(f"checkpoint.pretrained_checkpoint ({path!r}) and checkpoint.finetune (True) both "
+                              "name the starting weights; set one")
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise ConfigError(f"checkpoint.pretrained_checkpoint ({path!r}) must be a Hugging Face model "
+                              "directory (config.json and model.safetensors)")
 
 
 @dataclass
 class LoggerConfig:
-    log_interval: int = 10
+    log_interval: int = 10  # iterations between metric lines
     tensorboard_dir: str | None = None  # default: <run dir>/tensorboard
-    progress_bar: bool = True
+    progress_bar: bool = True  # the [it/total %] prefix on each metric line
     plot_schedule: bool = True  # at the end, the planned schedule with the applied lr/wd drawn over it
+    # Weights & Biases (Megatron-Bridge's names), rank 0 only; needs `pip install 'anneal[wandb]'`.
+    wandb_project: str | None = None  # set to log the metrics to W&B
+    wandb_exp_name: str | None = None  # the W&B run name; null lets W&B pick one
+    wandb_entity: str | None = None  # team or user; null: the API key's default
+    wandb_save_dir: str | None = None  # where wandb writes its files; null: the run directory
+    wandb_mode: str = "auto"  # auto: $WANDB_MODE if set, else online when $WANDB_API_KEY is set, else offline
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"logger.log_interval ({self.log_interval}) must be >= 1")
+        check_choice("logger.wandb_mode", self.wandb_mode, WANDB_MODES)
+        for name in ("wandb_exp_name", "wandb_entity", "wandb_save_dir"):
+            if getattr(self, name) is not None and not self.wandb_project:
+                raise ConfigError(f"logger.{name} ({getattr(self, name)!r}) needs logger.wandb_project")
+
+
+@dataclass
+class ProfilingConfig:
+    """A profiling window (Megatron-Bridge's ``ProfilingConfig`` names): iterations start+1 .. end.
+
+    As in Megatron, the steps count completed iterations: the window opens when
+    ``profile_step_start`` iterations are done and closes when ``profile_step_end`` are.
+    """
+
+    use_pytorch_profiler: bool = False  # torch.profiler over the window: a Chrome trace in <run dir>/profile
+    record_memory_history: bool = False  # CUDA only: the allocator's history over the window, as a snapshot
+    profile_step_start: int = 10  # the window opens after this many iterations
+    profile_step_end: int = 12  # and closes after this many
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # empty: every rank
+    record_shapes: bool = False  # operator input shapes in the trace (larger files)
+
+    def validate(self) -> None:
+        if self.profile_step_start < 0:
+            raise ConfigError(f"profiling.profile_step_start ({self.profile_step_start}) must be >= 0")
+        if self.profile_step_end <= self.profile_step_start:
+            raise ConfigError(f"profiling.profile_step_end ({self.profile_step_end}) must be > "
+                              f"profiling.profile_step_start ({self.profile_step_start})")
+        if any(rank < 0 for rank in self.profile_ranks):
+            raise ConfigError(f"profiling.profile_ranks ({self.profile_ranks}) must hold ranks >= 0")
 
 
 @dataclass
 class DistributedConfig:
     backend: str = "auto"  # gloo on CPU, nccl on CUDA
     device: str = "auto"  # cuda when available
-    timeout_minutes: int = 10
+    # How long a collective may wait for a peer before the job fails (exit 1), naming the stage.
+    # 5 minutes covers a checkpoint save of the shipped 8B recipe on a shared file system; fractions work.
+    timeout_minutes: float = 5.0
 
     def validate(self) -> None:
         check_choice("dist.backend", self.backend, DIST_BACKENDS)
         check_choice("dist.device", self.device, DEVICES)
         if self.backend == "nccl" and self.device == "cpu":
             raise ConfigError("dist.backend ('nccl') needs dist.device 'cuda' or 'auto', not 'cpu'")
-        if self.timeout_minutes < 1:
-            raise ConfigError(f"dist.timeout_minutes ({self.timeout_minutes}) must be >= 1")
+        if not 0 < self.timeout_minutes <= 24 * 60:
+            raise ConfigError(f"dist.timeout_minutes ({self.timeout_minutes}) must be in (0, 1440]")
 
 
 @dataclass
 class RNGConfig:
-    seed: int = 1234
+    seed: int = 1234  # initial weights, dropout and every other torch RNG
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:

@@ -89,7 +89,7 @@ RULES.update({f"{cls}.{name}": ("null (the run after the warmup) or an integer >
 class TorchSchedulerConfig:
     name: str = f"{MODULE}.CosineAnnealingLR"  # the class, by its dotted path
     kwargs: dict = field(default_factory=dict)  # its arguments, steps in iterations
-    warmup_iters: int = 0
+    warmup_iters: int = 0  # iterations of warmup before the torch schedule starts (0: none)
     warmup_style: str = "linear"  # one of WARMUP_STYLES
     warmup_start_factor: float = 0.01  # the warmup starts at this fraction of each group's max_lr
     use_checkpoint_opt_param_scheduler: bool = False  # on resume, the checkpoint's settings win

@@ -9,22 +9,19 @@ from anneal.errors import ConfigError
 
 @dataclass
 class TrainingConfig:
-    train_iters: int | None = None
-    train_samples: int | None = None
-    global_batch_size: int = 16
-    micro_batch_size: int = 4
+    train_iters: int | None = None  # iterations to train; or set train.train_samples instead
+    train_samples: int | None = None  # samples to train, in whole global batches (samples // batch)
+    global_batch_size: int = 16  # samples per iteration, over all data-parallel ranks
+    micro_batch_size: int = 4  # samples per forward/backward on one rank; accumulation fills the rest
     # [start global batch, increment, ramp-up samples], as Megatron's --rampup-batch-size
     rampup_batch_size: list[int] | None = None
     eval_interval: int | None = 1000  # None: no evaluation
-    eval_iters: int = 10
+    eval_iters: int = 10  # validation batches per evaluation
     exit_interval: int | None = None  # stop (and save) after this many iterations of this run
 
     def validate(self) -> None:
-        if (self.train_iters is None) == (self.train_samples is None):
-            raise ConfigError(
-                f"train.train_iters ({self.train_iters}) and train.train_samples ({self.train_samples}): "
-                "set exactly one"
-            )
+        if self.train_iters is None and self.train_samples is None:
+            raise ConfigError("train.train_iters (None) and train.train_samples (None): set exactly one")
         for name in ("train_iters", "train_samples", "global_batch_size", "micro_batch_size",
                      "eval_interval", "exit_interval"):
             value = getattr(self, name)
