@@ -69,12 +69,13 @@ def render(name: str, recipe, comment: str = "") -> str:
 
 @functools.cache
 def root_defaults() -> dict[str, str]:
-    """The group options conf/config.yaml selects, in its order (``recipe`` left out)."""
+    """The group options conf/config.yaml selects, in its order (``recipe`` and Hydra's own left out)."""
     from omegaconf import OmegaConf
 
     entries = OmegaConf.load(files("anneal.conf") / "config.yaml").defaults
     pairs = [next(iter(e.items())) for e in entries if not isinstance(e, str)]
-    return {group: option for group, option in pairs if option is not None and "recipe" not in group}
+    return {group: option for group, option in pairs
+            if option is not None and "recipe" not in group and not group.startswith("override ")}
 
 
 @functools.cache

@@ -32,3 +32,50 @@ def metrics_by_iteration(run_dir: Path) -> dict[int, dict]:
     """Training records of ``metrics.jsonl`` by iteration (the last one wins: a resumed run appends)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["iteration"]: r for r in map(json.loads, lines) if "loss" in r}
+
+
+def wandb_history(run_dir: Path, wait_s: float = 30.0) -> list[dict]:
+    """The history rows of the one offline W&B run under ``run_dir``, read from its ``run-<id>.wandb`` file.
+
+    wandb 0.31 ships no Python reader for that file; it is a LevelDB-style log (a 7-byte ``:W&B``
+    header, 32 KiB blocks, 7-byte chunk headers) of wandb's own protobuf ``Record`` messages. Its
+    service process may write the file up to about a second after ``run.finish()`` returns (seen
+    here in 4 of 6 runs in one process), so the file is read again until it ends with the run's exit
+    record, for up to ``wait_s``.
+    """
+    import time
+
+    deadline = time.monotonic() + wait_s
+    rows, complete = _wandb_rows(run_dir)
+    while not complete and time.monotonic() < deadline:
+        time.sleep(0.2)
+        rows, complete = _wandb_rows(run_dir)
+    return rows
+
+
+def _wandb_rows(run_dir: Path) -> tuple[list[dict], bool]:
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, chunks, rows = path.read_bytes(), 7, [], []
+    assert b":W&B".startswith(data[:4]), data[:7]  # the header, or a part of it while being written
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
+        chunks.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record.FromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "exit":
+                return rows, True
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows, False

@@ -9,7 +9,8 @@
 | 143  | stopped by SIGTERM (preemption) after saving a checkpoint                | yes      |
 
 Every failure prints one line, ``anneal: error: ...`` on stderr (with ``[rank N]`` on ranks > 0),
-on every rank. A process that joined a process group leaves with ``os._exit`` after the group is
+on every rank. torchrun turns any failed worker into its own exit code 1, so rank 0 also writes
+the code to ``<run dir>/exit_code``; ``scripts/slurm_pretrain.sbatch`` requeues on 130 or 143. A process that joined a process group leaves with ``os._exit`` after the group is
 destroyed (the gloo crash at interpreter exit, shared/PLATFORM.md), keeping the exit code.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 OK = 0
 FAILED = 1
@@ -44,6 +46,16 @@ def error_line(error: BaseException | str) -> str:
 
 def report(error: BaseException | str) -> None:
     print(error_line(error), file=sys.stderr, flush=True)
+
+
+def record(code: int, run_dir: Path | None) -> int:
+    """Write ``code`` to ``<run dir>/exit_code`` on rank 0 when that directory exists; return it."""
+    if run_dir is not None and run_dir.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            (run_dir / "exit_code").write_text(f"{code}\n")
+        except OSError:  # a full or read-only disk must not hide the error being reported
+            pass
+    return code
 
 
 def leave(code: int) -> None:

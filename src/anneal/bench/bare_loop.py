@@ -13,7 +13,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 from anneal.config.compose import load
 from anneal.data.datasets import build_datasets
@@ -42,8 +41,7 @@ def main() -> None:
         for micro in range(num_micro):
             tokens = get_microbatch(train, consumed_samples=it * gbs, microbatch=micro, micro_batch_size=mbs,
                                     dp_rank=0, dp_size=1)
-            logits = model(tokens[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])  # the loss the launcher computes (model.*)
             (loss / num_micro).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.clip_grad)
         opt.step()

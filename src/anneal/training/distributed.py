@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.config.runtime import DistributedConfig
+from anneal.parallel import ParallelDims, with_mesh
 
 _joined = False  # set once this process has joined a process group
 
@@ -29,14 +30,18 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str | None  # None: a single process, no process group
+    # The parallel layout (data-parallel rank, size, group); None: pure data parallel over every rank,
+    # without a mesh (a context built by hand for a checkpointer or a benchmark).
+    parallel: ParallelDims | None = None
+
+    def __post_init__(self) -> None:
+        if self.parallel is None:
+            object.__setattr__(self, "parallel", ParallelDims(self.world_size, self.rank, self.world_size,
+                                                              self.rank))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def group(self) -> dist.ProcessGroup | None:
-        return dist.group.WORLD if self.backend else None
 
 
 def resolve_device(cfg: DistributedConfig, local_rank: int) -> torch.device:
@@ -63,14 +68,13 @@ def agree_on_run_dir(timeout_s: float = 300) -> str:
     return store.get("run_dir").decode()
 
 
-def init_distributed(cfg: DistributedConfig) -> DistContext:
-    """Join the torchrun job described by the environment; a lone process gets no group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def init_distributed(cfg: DistributedConfig, layout: ParallelDims) -> DistContext:
+    """Join the torchrun job of ``layout`` (``anneal.parallel.plan_layout``); a lone process gets no group."""
+    world_size, rank = layout.world_size, layout.rank
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
     if world_size == 1:
-        return DistContext(0, 1, 0, device, None)
+        return DistContext(0, 1, 0, device, None, layout)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
     store = _job_store(timeout)
@@ -78,7 +82,7 @@ def init_distributed(cfg: DistributedConfig) -> DistContext:
     _joined = True
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
-    return DistContext(rank, world_size, local_rank, device, backend)
+    return DistContext(rank, world_size, local_rank, device, backend, with_mesh(layout, device.type))
 
 
 def joined_a_group() -> bool:
@@ -95,11 +99,12 @@ def shutdown(ctx: DistContext) -> None:
     sys.stderr.flush()
 
 
-def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    if ctx.backend is not None:
+def all_reduce_mean(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """The mean of ``value`` over the data-parallel ranks (``value`` itself on one rank)."""
+    if dims.dp_size > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= ctx.world_size
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=dims.dp_group)
+        value /= dims.dp_size
     return value
 
 
@@ -110,3 +115,25 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def heartbeat(ctx: DistContext, iteration: int) -> None:
+    """Publish the iteration this rank is in (the job's store, not a collective), to name a stalled rank."""
+    if ctx.backend is not None:
+        dist.distributed_c10d._get_default_store().set(f"anneal_heartbeat/{ctx.rank}", str(iteration))
+
+
+def behind_ranks(ctx: DistContext) -> str:
+    """'rank 1 (last in iteration 4)': the ranks whose last heartbeat is the oldest, or '' if unknown."""
+    if ctx.backend is None or not dist.is_initialized():
+        return ""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        seen = {r: int(store.get(f"anneal_heartbeat/{r}")) if store.check([f"anneal_heartbeat/{r}"]) else 0
+                for r in range(ctx.world_size)}
+    except Exception:  # the store is the job's, which may be gone too: the names are a bonus
+        return ""
+    oldest = min(seen.values())
+    if oldest == max(seen.values()):
+        return ""
+    return ", ".join(f"rank {r} (last in iteration {it})" for r, it in seen.items() if it == oldest)

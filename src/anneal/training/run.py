@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -13,14 +14,21 @@ from anneal.checkpoint import files
 from anneal.checkpoint.checkpointer import Checkpointer
 from anneal.checkpoint.files import SaveDirLock
 from anneal.config.compose import to_yaml
-from anneal.config.container import ConfigContainer, check_world
+from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.data.datasets import build_datasets
+from anneal.data.sources import anneal_start_sample
+from anneal.hf.importer import check_pretrained, load_pretrained
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
-from anneal.training.distributed import init_distributed, shutdown
+from anneal.parallel import plan_layout
+from anneal.resume import plan_resume, write_lineage
+from anneal.errors import RunError
+from anneal.training.distributed import DistContext, behind_ranks, init_distributed, shutdown
 from anneal.training.metrics import MetricsLogger, Throughput, peak_flops
+from anneal.training.profiling import ProfilerWindow
+from anneal.training.signals import StopSignals
 from anneal.training.trainer import LoopParts, Trainer
 
 log = logging.getLogger(__name__)
@@ -38,43 +46,119 @@ def run_dir() -> Path:
 
 def run(cfg: ConfigContainer, derived: Derived) -> int:
     """Train; return the exit code (``anneal.exits``). Errors propagate after the process group is gone."""
-    check_world(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))  # before any group or model exists
-    train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
-                                            vocab_size=cfg.model.vocab_size)
-    lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
-    ctx = init_distributed(cfg.dist)
-    try:
-        torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
-        model = build_model(cfg.model, device=ctx.device)
-        optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
-                                               dp_group=ctx.group)
-        out = run_dir()
-        metrics = MetricsLogger(cfg.logger, out, enabled=ctx.is_main, total_iters=derived.train_iters)
-        half = cfg.optimizer.bf16 or cfg.optimizer.fp16
-        throughput = Throughput(flops_per_token=flops_per_token(cfg.model), world_size=ctx.world_size,
-                                peak=peak_flops(ctx.device, half))
-        metrics.info(_banner(cfg, derived, ctx, optimizer, out))
-        checkpointer = Checkpointer(cfg.checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    ctx=ctx, config_yaml=to_yaml(cfg), report=metrics.info)
-        state = checkpointer.load()
-        parts = LoopParts(model, optimizer, scheduler, train_data, valid_data, derived.ramp,
-                          checkpointer=checkpointer, throughput=throughput)
-        trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
-                          log_interval=cfg.logger.log_interval, state=state)
-        trainer.train()
-        if ctx.is_main and cfg.logger.plot_schedule:
-            from anneal.plot import plot_run
+    # The parallel layout, checked before any process group or model exists; every consumer reads it.
+    layout = plan_layout(cfg.train, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+    from anneal.planner import check_fits  # the plan's memory against the device's free memory
 
-            png = plot_run(derived.schedule, derived.ramp, derived.train_iters, out / "schedule.png",
-                           applied=trainer.applied)
-            metrics.info(f"schedule plot: {png}")
-        metrics.info(f"done: {trainer.state.iteration} iterations, metrics in {metrics.path}")
-        metrics.close()
-        return exits.OK
+    check_fits(cfg, layout.dp_size, cfg.dist.device)
+    files.check_load_target(cfg.checkpoint)  # a checkpoint.load with nothing to load, before anything is built
+    check_pretrained(cfg.model, cfg.checkpoint.pretrained_checkpoint)  # model.* against its config.json
+    train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
+                                            vocab_size=cfg.model.vocab_size,
+                                            anneal_start=anneal_start_sample(derived.schedule))
+    lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
+    ctx = init_distributed(cfg.dist, layout)
+    stage = Stage()
+    try:
+        return _build_and_train(cfg, derived, ctx, (train_data, valid_data), stage)
+    except RuntimeError as error:  # a collective that timed out becomes one line naming the stage
+        raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
     finally:
         if lock is not None:
             lock.release()
         shutdown(ctx)
+
+
+def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, data: tuple, stage: Stage) -> int:
+    stage.now = "building the model and optimizer"
+    torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model, device=ctx.device)
+    plan = plan_resume(cfg, derived)  # resume, anneal branch or extension, decided from the checkpoint's state
+    derived = plan.derived  # the schedule in force after that decision, and the run's length
+    optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
+                                           dp_group=ctx.parallel.dp_group, resume=plan)
+    out = run_dir()
+    metrics = MetricsLogger(cfg.logger, out, enabled=ctx.is_main, total_iters=derived.train_iters,
+                            run_config=dataclasses.asdict(cfg))
+    half = cfg.optimizer.bf16 or cfg.optimizer.fp16
+    throughput = Throughput(flops_per_token=flops_per_token(cfg.model), world_size=ctx.world_size,
+                            peak=peak_flops(ctx.device, half))
+    metrics.info(_banner(cfg, derived, ctx, optimizer, out))
+    lineage = write_lineage(plan, out / "metrics.jsonl", enabled=ctx.is_main)
+    checkpointer = Checkpointer(plan.checkpoint_config(cfg.checkpoint), model=model, optimizer=optimizer,
+                                scheduler=scheduler, ctx=ctx, config_yaml=to_yaml(cfg), report=metrics.info,
+                                lineage=lineage)
+    stage.now = "loading the checkpoint"
+    state = checkpointer.load()
+    if cfg.checkpoint.pretrained_checkpoint and checkpointer.find() is None:  # nothing to resume: start from it
+        load_pretrained(cfg.checkpoint.pretrained_checkpoint, model, optimizer, cfg.model)
+        metrics.info(f"pretrained: loaded Hugging Face weights from {cfg.checkpoint.pretrained_checkpoint}")
+    if state.iteration >= derived.train_iters:
+        metrics.info(_already_complete(state.iteration, derived.train_iters))
+        metrics.close()
+        return exits.OK
+    profiler = ProfilerWindow(cfg.profiling, out / "profile", rank=ctx.rank, device=ctx.device,
+                              iteration=state.iteration)
+    parts = LoopParts(model, optimizer, scheduler, *data, derived.ramp, checkpointer=checkpointer,
+                      throughput=throughput, profiler=profiler)
+    trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
+                      log_interval=cfg.logger.log_interval, state=state)
+    stage.now, stage.trainer = "training", trainer
+    with StopSignals(lambda: _abort_line(trainer, checkpointer)) as stop:
+        trainer.train(stop)
+    stage.now, stage.trainer = "finishing", None
+    profiler.close()  # a window reaching past the last iteration still writes what it recorded
+    if ctx.is_main and cfg.logger.plot_schedule:
+        _plot(scheduler, derived, out, trainer, metrics)
+    metrics.info(_final_line(trainer, stop, checkpointer, metrics))
+    metrics.close()
+    return stop.exit_code
+
+
+def _plot(scheduler, derived: Derived, out: Path, trainer: Trainer, metrics: MetricsLogger) -> None:
+    """The schedule in force (after any resume decision) with the applied lr/wd drawn over it."""
+    from anneal.plot import plot_run
+
+    png = plot_run(scheduler.schedule, derived.ramp, derived.train_iters, out / "schedule.png",
+                   applied=trainer.applied)
+    metrics.info(f"schedule plot: {png}")
+
+
+class Stage:
+    """What the run is doing now, for the one line a stalled or dead peer's timeout becomes."""
+
+    def __init__(self) -> None:
+        self.now = "joining the process group"
+        self.trainer: Trainer | None = None
+
+    def explain(self, error: RuntimeError, ctx: DistContext, timeout_minutes: float) -> RuntimeError:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            return error
+        where = self.now if self.trainer is None else f"{self.now} after iteration {self.trainer.state.iteration}"
+        behind = behind_ranks(ctx)
+        who = f"{behind} stalled or died" if behind else "another rank stalled or died"
+        return RunError(f"a collective timed out after dist.timeout_minutes ({timeout_minutes}) while {where}: "
+                        f"{who} (see its log)")
+
+
+def _already_complete(iteration: int, train_iters: int) -> str:
+    return (f"already complete: the checkpoint is at iteration {iteration} and train.train_iters is "
+            f"{train_iters}; nothing to train. To continue, set train.train_iters above {iteration}")
+
+
+def _final_line(trainer: Trainer, stop: StopSignals, checkpointer: Checkpointer, metrics: MetricsLogger) -> str:
+    it = trainer.state.iteration
+    if stop.signum is None:
+        return f"done: {it} iterations, metrics in {metrics.path}"
+    latest = checkpointer.latest()
+    saved = f"checkpoint {latest}" if latest is not None else "nothing saved (no checkpoint.save)"
+    return f"{stop.name}: stopped cleanly after iteration {it}; {saved}; exit code {stop.exit_code}"
+
+
+def _abort_line(trainer: Trainer, checkpointer: Checkpointer) -> str:
+    latest = checkpointer.latest()
+    return (f"Ctrl-C again: aborted at iteration {trainer.state.iteration} without saving; "
+            + (f"the latest checkpoint is {latest}" if latest is not None else "no checkpoint was saved"))
 
 
 def _lock_save_dir(cfg: ConfigContainer) -> SaveDirLock | None:

@@ -3,25 +3,30 @@
 Steps count consumed samples, as in Megatron: an iteration adds its global batch size to the
 scheduler, and an iteration skipped for inf/NaN gradients (fp16) adds nothing to the scheduler,
 while the data position moves on (Megatron does the same). The loop does no host sync except on
-logging steps, where the metrics are read.
+logging steps, where the metrics are read, and before a checkpoint is written, where the ranks
+check together that the loss and gradient norm stayed finite (``anneal.training.health``).
+
+SIGTERM or a first Ctrl-C stops the loop after the current iteration (under torchrun, at the next
+logging step, where the ranks agree) and saves; a second Ctrl-C aborts (``anneal.training.signals``).
 """
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from anneal.config.batch import BatchRamp
-from anneal.config.container import check_world
 from anneal.config.training import TrainingConfig
 from anneal.data.loader import get_microbatch
-from anneal.faults import fault_iteration, kill_self
-from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
+from anneal.scheduler.protocol import ParamScheduler
+from anneal.faults import fault_iteration, kill_self, stop_self
+from anneal.training.distributed import DistContext, all_reduce_mean, any_rank, heartbeat
+from anneal.training.health import NonFiniteWatch
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb
+from anneal.training.profiling import ProfilerWindow
 
 
 @dataclass
@@ -34,7 +39,11 @@ class TrainState:
 
 
 class Checkpointer(Protocol):
+    def due(self, state: TrainState) -> bool: ...  # a save is due at this iteration
+
     def maybe_save(self, state: TrainState, *, force: bool = False) -> None: ...
+
+    def latest(self) -> Path | None: ...  # the newest complete checkpoint
 
 
 @dataclass
@@ -43,12 +52,13 @@ class LoopParts:
 
     model: torch.nn.Module
     optimizer: Any  # anneal.optim AnnealOptimizer: scale_loss, zero_grad, step() -> StepResult
-    scheduler: Any  # OptimizerParamScheduler
+    scheduler: ParamScheduler
     train_data: Any  # anneal.data TokenWindows
     valid_data: Any
     ramp: BatchRamp
     checkpointer: Checkpointer | None = None
     throughput: Throughput | None = None
+    profiler: ProfilerWindow | None = None
 
 
 class Trainer:
@@ -61,16 +71,18 @@ class Trainer:
         self.train_iters = train_iters
         self.log_interval = log_interval
         self.state = state or TrainState()
-        self.stop_requested = False
+        self.stop_requested = False  # set by anneal.training.signals.StopSignals (or a test)
+        self.watch = NonFiniteWatch(ctx.device)
+        self._stop: Any = None
         self.applied: list[dict[str, float]] = []  # lr/wd applied at each logged iteration, for the plot
         self._kill_at = fault_iteration("kill_at_iteration", ctx.rank)
+        self._stop_at = fault_iteration("stop_at_iteration", ctx.rank)
 
-    def train(self) -> TrainState:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        try:
-            self._loop()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    def train(self, stop: Any = None) -> TrainState:
+        """Run to ``train_iters`` or until ``stop.signum`` is set (``StopSignals``); then save."""
+        self._stop = stop
+        self._loop()
+        self._check_finite()
         if self.p.checkpointer is not None:
             self.p.checkpointer.maybe_save(self.state, force=True)
         return self.state
@@ -84,11 +96,17 @@ class Trainer:
         while s.iteration < self.train_iters:
             if self._kill_at == s.iteration + 1:
                 kill_self()  # test hook: SIGKILL as this iteration starts
+            if self._stop_at == s.iteration + 1:
+                stop_self()  # test hook: SIGSTOP, a stalled rank
+            heartbeat(self.ctx, s.iteration + 1)  # a store write, no device sync: names a stalled rank later
             logging_step = (s.iteration + 1) % self.log_interval == 0 or s.iteration + 1 == self.train_iters
             if logging_step:  # read before the step: the lr/wd this iteration's update applies
                 lr, wd = self._applied_lr_wd()
             loss, result = self.train_step()
             s.iteration += 1
+            if self.p.profiler is not None:
+                self.p.profiler.step(s.iteration)  # opens or closes the profiling window on its edges
+            self.watch.observe(s.iteration, loss, None if result.skipped else result.grad_norm)
             loss_sum += loss
             iters_in_window += 1
             if logging_step:
@@ -98,22 +116,26 @@ class Trainer:
             if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
                 self._log_eval()
             if self.p.checkpointer is not None:  # after the evaluation, which a plateau schedule consumes
+                if logging_step or self.p.checkpointer.due(s):
+                    self._check_finite()  # nothing non-finite is ever written
                 self.p.checkpointer.maybe_save(s)
+            elif logging_step:
+                self._check_finite()
             if self._should_exit(logging_step):
                 break
 
     def train_step(self) -> tuple[torch.Tensor, Any]:
         """One iteration: gradient accumulation over microbatches, then the optimizer and scheduler."""
-        s, p, ctx = self.state, self.p, self.ctx
+        s, p, ctx, dims = self.state, self.p, self.ctx, self.ctx.parallel
         batch = p.ramp.batch_size_at(s.consumed_samples)
-        num_micro = check_world(_with_batch(self.cfg, batch), ctx.world_size)
+        num_micro = dims.microbatches(self.cfg, batch)
         p.model.train()
         p.optimizer.zero_grad()
         loss_sum = torch.zeros((), device=ctx.device)
         for micro in range(num_micro):
             tokens = get_microbatch(p.train_data, consumed_samples=s.consumed_samples, microbatch=micro,
-                                    micro_batch_size=self.cfg.micro_batch_size, dp_rank=ctx.rank,
-                                    dp_size=ctx.world_size).to(ctx.device, non_blocking=True)
+                                    micro_batch_size=self.cfg.micro_batch_size, dp_rank=dims.dp_rank,
+                                    dp_size=dims.dp_size).to(ctx.device, non_blocking=True)
             loss = _lm_loss(p.model, tokens)
             p.optimizer.scale_loss(loss / num_micro).backward()
             loss_sum += loss.detach()
@@ -130,17 +152,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over ``eval_iters`` global batches of the validation split (the same ones each time)."""
-        p, ctx, cfg = self.p, self.ctx, self.cfg
+        p, ctx, cfg, dims = self.p, self.ctx, self.cfg, self.ctx.parallel
         p.model.eval()
         total = torch.zeros((), device=ctx.device)
-        num_micro = check_world(cfg, ctx.world_size)
+        num_micro = dims.microbatches(cfg)
         for it in range(cfg.eval_iters):
             for micro in range(num_micro):
                 tokens = get_microbatch(p.valid_data, consumed_samples=it * cfg.global_batch_size, microbatch=micro,
-                                        micro_batch_size=cfg.micro_batch_size, dp_rank=ctx.rank,
-                                        dp_size=ctx.world_size).to(ctx.device)
+                                        micro_batch_size=cfg.micro_batch_size, dp_rank=dims.dp_rank,
+                                        dp_size=dims.dp_size).to(ctx.device)
                 total += _lm_loss(p.model, tokens)
-        return all_reduce_mean(total / (cfg.eval_iters * num_micro), ctx).item()
+        return all_reduce_mean(total / (cfg.eval_iters * num_micro), dims).item()
 
     def _applied_lr_wd(self) -> tuple[float, float]:
         """The lr and wd this iteration's update will use (what the scheduler last wrote)."""
@@ -151,7 +173,7 @@ class Trainer:
     def _log(self, mean_loss: torch.Tensor, result: Any, lr: float, wd: float) -> None:
         s = self.state
         record = {"iteration": s.iteration, "consumed_samples": s.consumed_samples,
-                  "loss": all_reduce_mean(mean_loss, self.ctx).item(), "lr": lr, "weight_decay": wd,
+                  "loss": all_reduce_mean(mean_loss, self.ctx.parallel).item(), "lr": lr, "weight_decay": wd,
                   "grad_norm": float(result.grad_norm), "loss_scale": float(result.loss_scale),
                   "skipped_iters": s.skipped_iters, "scheduler_num_steps": self.p.scheduler.num_steps}
         record.update(_group_lrs(self.p.optimizer.param_groups))
@@ -173,24 +195,19 @@ class Trainer:
         # anyway) or at an exit interval; a single process needs no agreement and checks every step.
         if not (self.ctx.backend is None or logging_step or by_interval):
             return False
-        if any_rank(self.stop_requested, self.ctx):
-            self.metrics.info(f"SIGTERM: stopping cleanly after iteration {self.state.iteration}")
+        if any_rank(self.stop_requested or getattr(self._stop, "signum", None) is not None, self.ctx):
+            self.stop_requested = True
             return True
         return by_interval
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.stop_requested = True
+    def _check_finite(self) -> None:
+        latest = self.p.checkpointer.latest() if self.p.checkpointer is not None else None
+        self.watch.check(self.ctx, iteration=self.state.iteration, latest=str(latest) if latest else None)
 
 
 def _lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-
-
-def _with_batch(cfg: TrainingConfig, batch: int) -> TrainingConfig:
-    if batch == cfg.global_batch_size:
-        return cfg
-    return TrainingConfig(train_iters=1, global_batch_size=batch, micro_batch_size=cfg.micro_batch_size)
+    """Mean next-token loss, computed in the model's forward (chunked per model.cross_entropy_chunk_size)."""
+    return model(tokens[:, :-1], labels=tokens[:, 1:])
 
 
 def _group_lrs(groups: list[dict]) -> dict[str, float]:

@@ -1,0 +1,215 @@
+"""Failures through the real entry point: divergence, Ctrl-C, SIGTERM, a stalled rank, errors under torchrun.
+
+Each test asserts the exit code (``anneal.exits``), the one line the user sees, and that the
+checkpoint that was good stays the latest and loads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from anneal.checkpoint import files
+from anneal_testing import ROOT, free_port, metrics_by_iteration
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.num_layers=1", "model.seq_length=32", "scheduler.lr_warmup_iters=2", "logger.plot_schedule=false",
+        "train.eval_interval=null"]
+
+
+def _command(run_dir: Path, overrides: list[str], nproc: int) -> list[str]:
+    args = [*TINY, f"hydra.run.dir={run_dir}", f"checkpoint.save={run_dir / 'ckpt'}", *overrides]
+    script = str(ROOT / "scripts" / "pretrain.py")
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), script, *args]
+
+
+def _env(fault: str | None, shutdown_timeout_s: int = 30) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ANNEAL_FAULT"}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout_s)})
+    if fault:
+        env["ANNEAL_FAULT"] = fault
+    return env
+
+
+def _pretrain(run_dir: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
+              timeout: float = 240, shutdown_timeout_s: int = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run_dir, list(overrides), nproc), capture_output=True, text=True,
+                          env=_env(fault, shutdown_timeout_s), cwd=run_dir.parent, timeout=timeout)
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("anneal: error:")]
+
+
+def _latest(run_dir: Path) -> int:
+    return int(files.latest(run_dir / "ckpt").name.removeprefix("iter_"))
+
+
+# -- divergence ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_divergence_stops_and_keeps_the_last_finite_checkpoint(tmp_path: Path, precision: str) -> None:
+    run = tmp_path / "run"
+    dtype = [] if precision == "fp32" else [f"optimizer.{precision}=true"]
+    result = _pretrain(run, "optimizer.lr=1e4", "train.train_iters=30", "checkpoint.save_interval=3",
+                       "checkpoint.most_recent_k=2", "logger.log_interval=10", *dtype)
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = _error_lines(result.stderr)
+    assert "training diverged" in line and "not finite" in line, line
+    latest = _latest(run)
+    assert f"checkpoint.load={files.iter_dir(run / 'ckpt', latest)}" in line
+    assert "Traceback" not in result.stderr
+    # Everything saved is finite and loads: resume from it at a sane lr.
+    check = _pretrain(run, "optimizer.lr=1e-3", "scheduler.override_opt_param_scheduler=true",
+                      f"train.train_iters={latest + 1}", "logger.log_interval=1", *dtype)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert f"resumed from {files.iter_dir(run / 'ckpt', latest)}" in check.stdout
+
+
+def test_divergence_is_found_at_the_same_iteration_on_every_rank(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _pretrain(run, "optimizer.lr=1e4", "train.train_iters=30", "checkpoint.save_interval=3",
+                       "logger.log_interval=10", "optimizer=distributed_fused_adam", nproc=2)
+    assert result.returncode != 0
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 2, result.stderr[-3000:]
+    assert lines[0].replace("[rank 1] ", "") == lines[1].replace("[rank 1] ", ""), lines
+    assert files.latest(run / "ckpt") is not None
+
+
+def test_the_loop_adds_no_host_sync_per_iteration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Reads of tensor values to the host do not grow with the number of iterations between logs."""
+    import torch
+
+    from anneal.config.compose import load
+    from anneal.training.run import run
+
+    counts = {"n": 0}
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(iters: int) -> int:
+        counts["n"] = 0
+        cfg = load([*TINY, f"train.train_iters={iters}", f"logger.log_interval={iters}",
+                    "logger.progress_bar=false"], "config", None)
+        monkeypatch.chdir(tmp_path)
+        assert run(cfg, cfg.validate()) == 0
+        return counts["n"]
+
+    syncs(4)  # warm-up: first-call costs (lazy init) are not the loop's
+    assert syncs(4) == syncs(16)
+
+
+# -- Ctrl-C and SIGTERM ---------------------------------------------------------------------------------
+
+def _interrupt_during_save(run_dir: Path, signals: list[int], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Start a run whose save at iteration 10 is slow, send ``signals`` (1.5 s apart) while it saves."""
+    overrides = ["train.train_iters=200", "checkpoint.save_interval=5", "logger.log_interval=5"]
+    proc = subprocess.Popen(_command(run_dir, overrides, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env("pause_in_save:10"), cwd=run_dir.parent,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    partial = files.partial_dir(run_dir / "ckpt", 10)
+    deadline = time.monotonic() + 180
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(1.5)
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "Ctrl-C (SIGINT)"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stop_signal_during_a_save_finishes_it_and_exits_with_its_code(tmp_path: Path, sig, code, name) -> None:
+    run = tmp_path / "run"
+    result = _interrupt_during_save(run, [sig])
+    assert result.returncode == code, result.stderr[-2000:]
+    assert f"{name}: stopped cleanly after iteration 10; checkpoint {files.iter_dir(run / 'ckpt', 10)}" in result.stdout
+    assert "Traceback" not in result.stderr and not _error_lines(result.stderr)
+    assert _latest(run) == 10 and not list((run / "ckpt").glob(".iter_*.partial"))
+
+
+def test_a_second_ctrl_c_aborts_and_the_previous_checkpoint_loads(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _interrupt_during_save(run, [signal.SIGINT, signal.SIGINT])
+    assert result.returncode == 130, result.stderr[-2000:]
+    (line,) = _error_lines(result.stderr)
+    assert "Ctrl-C again: aborted" in line and f"the latest checkpoint is {files.iter_dir(run / 'ckpt', 5)}" in line
+    assert "Traceback" not in result.stderr
+    assert _latest(run) == 5
+    resumed = _pretrain(run, "train.train_iters=200", "train.exit_interval=6", "logger.log_interval=1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {files.iter_dir(run / 'ckpt', 5)}" in resumed.stdout
+    assert not list((run / "ckpt").glob(".iter_*.partial"))  # the aborted save is cleaned up
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_with_a_save(tmp_path: Path) -> None:
+    """SIGINT to the torchrun agent alone: it forwards the signal and every rank stops at one iteration."""
+    run = tmp_path / "run"
+    result = _interrupt_during_save(run, [signal.SIGINT], nproc=2)
+    assert result.returncode != 0
+    assert f"Ctrl-C (SIGINT): stopped cleanly after iteration 10; checkpoint {files.iter_dir(run / 'ckpt', 10)}" \
+        in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not _error_lines(result.stderr)
+    assert _latest(run) == 10 and max(metrics_by_iteration(run)) == 10
+    assert (run / "exit_code").read_text() == "130\n"  # torchrun says 1; the requeue reads this
+
+
+# -- errors under torchrun ----------------------------------------------------------------------------
+
+def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    start = time.monotonic()
+    result = _pretrain(run, "train.train_iters=40", "dist.timeout_minutes=0.25", "logger.log_interval=2",
+                       nproc=2, fault="stop_at_iteration:5:1", timeout=200, shutdown_timeout_s=5)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    (line,) = _error_lines(result.stderr)
+    assert "a collective timed out after dist.timeout_minutes (0.25) while training after iteration 4" in line
+    assert "rank 1 (last in iteration 4) stalled or died" in line
+    # 15 s of timeout, then torchrun's --shutdown-timeout (5 s here) before it SIGKILLs the frozen rank.
+    assert elapsed < 15 + 5 + 40, elapsed
+
+
+def test_a_corrupted_checkpoint_under_torchrun_fails_loudly(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = _pretrain(run, "train.train_iters=8", "train.exit_interval=4", "checkpoint.save_interval=2",
+                      "logger.log_interval=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    victim = max((run / "ckpt" / "iter_0000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    result = _pretrain(run, "train.train_iters=8", nproc=2)
+    assert result.returncode != 0
+    lines = _error_lines(result.stderr)
+    assert lines and all(victim.name in line for line in lines), result.stderr[-3000:]
+
+
+def test_exit_codes_name_the_outcome(tmp_path: Path) -> None:
+    finished = _pretrain(tmp_path / "a", "train.train_iters=3")
+    bad_config = _pretrain(tmp_path / "b", "train.train_iters=-1")
+    assert (finished.returncode, bad_config.returncode) == (0, 2), (finished.stderr[-1000:], bad_config.stderr)
+    again = _pretrain(tmp_path / "a", "train.train_iters=3")
+    assert again.returncode == 0
+    assert "already complete: the checkpoint is at iteration 3" in again.stdout
+    assert "set train.train_iters above 3" in again.stdout
