@@ -45,7 +45,9 @@ def error_line(error: BaseException | str) -> str:
 
 
 def report(error: BaseException | str) -> None:
-    print(error_line(error), file=sys.stderr, flush=True)
+    """The one line on stderr, in one write: ranks sharing a pipe never interleave inside a line."""
+    sys.stderr.write(error_line(error) + "\n")  # one write call (print makes two), flushed as one line
+    sys.stderr.flush()
 
 
 def record(code: int, run_dir: Path | None) -> int:
