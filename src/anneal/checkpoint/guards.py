@@ -138,21 +138,23 @@ def _latest(save: Path) -> Path | None:
 def verified(path: Path) -> dict:
     """``state.json`` of a checkpoint that passes every check (manifest, safe metadata); else ConfigError
     naming the bad file and the earlier checkpoint to fall back to."""
-    try:
-        meta = files.verify(path)
-        read_metadata_file(path / ".metadata")
-    except ConfigError as error:
-        raise ConfigError(f"{error}; {fallback_hint(path)}") from None
-    return meta
+    return _checked(path, None)
 
 
 def verified_state(path: Path) -> dict:
-    """``state.json`` checked against the manifest (that file only: cheap on every rank); else ConfigError
-    naming the bad file and the checkpoint to fall back to. ``verified`` checks the rest before loading."""
+    """``state.json`` checked against the manifest (that file only: cheap on every rank), with the same
+    error as ``verified``, which checks the rest before loading."""
+    return _checked(path, {files.STATE})
+
+
+def _checked(path: Path, only: set[str] | None) -> dict:
     try:
-        return files.verify(path, only={files.STATE})
+        meta = files.verify(path, only=only)
+        if only is None:
+            read_metadata_file(path / ".metadata")
     except ConfigError as error:
         raise ConfigError(f"{error}; {fallback_hint(path)}") from None
+    return meta
 
 
 def fallback_hint(refused: Path) -> str:
