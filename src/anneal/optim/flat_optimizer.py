@@ -39,6 +39,7 @@ from anneal.optim import collectives as comm
 from anneal.optim.base import StepResult
 from anneal.optim.flat_layout import FlatLayout, build_layout
 from anneal.optim.loss_scaler import LossScaler
+from anneal.optim.norms import l2_norm
 from anneal.optim.update_rules import UpdateRule
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class FlatOptimizer:
 
     def _global_norm(self, grads: torch.Tensor) -> torch.Tensor:
         """L2 norm of the summed, still scaled gradients over every shard of every rank."""
-        local = torch.linalg.vector_norm(grads, dtype=torch.float32)
+        local = l2_norm(grads)
         if not (self.sharded and self.world_size > 1):
             return local
         squared = local * local
