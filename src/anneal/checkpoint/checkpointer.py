@@ -166,7 +166,8 @@ class Checkpointer:
     def _finish(self, state: TrainState, plain: Any, part: Path, final: Path) -> str:
         meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
                 "param_group_bounds": _group_bounds(self.optimizer.param_groups),
-                "world_size": self.ctx.world_size, "lineage": self.lineage}
+                "world_size": self.ctx.world_size, "layout": self.ctx.parallel.describe(),
+                "optimizer_backend": self.optimizer.backend, "lineage": self.lineage}
         (part / files.STATE).write_text(json.dumps(meta, indent=1))
         (part / "config.yaml").write_text(self.config_yaml)
         files.write_manifest(part)
@@ -231,6 +232,8 @@ class Checkpointer:
         load_rng = self.cfg.load_rng and f"rng.{rng_key}.cpu" in available
         if load_rng:
             target["rng"] = {rng_key: _rng_state(self.ctx.device)}
+        if self.cfg.load_optim:
+            self._check_optimizer_format(meta, _flat_keys({"optimizer": optim_tensors}), available, path)
         self._load_tensors(target, reader, available, path)
         if self.cfg.load_optim:
             self.optimizer.load_state_dict(merge(target["optimizer"], meta["plain"].get("optimizer")))
@@ -263,6 +266,20 @@ class Checkpointer:
         if error:
             raise ConfigError(error)
         return meta if self.ctx.is_main else json.loads((path / files.STATE).read_text())
+
+    def _check_optimizer_format(self, meta: dict, wanted: list[str], available: set[str], path: Path) -> None:
+        """The native flat state and FSDP2's per-parameter state do not load into each other: say so."""
+        if all(k in available for k in wanted):
+            return
+        saved_backend = meta.get("optimizer_backend", "a native backend")
+        if _engine(saved_backend) == _engine(self.optimizer.backend):
+            return  # the same engine: a different model, which _load_tensors names
+        saved_layout = meta.get("layout", f"data parallel {meta.get('world_size', '?')} (native)")
+        raise ConfigError(
+            f"{path}: its optimizer state was saved by {saved_backend} ({saved_layout}) and does not load "
+            f"into {self.optimizer.backend} ({self.ctx.parallel.describe()}): the native engine keeps one flat "
+            "buffer, FSDP2 one tensor per parameter. Load the weights alone with checkpoint.load_optim=false "
+            "(Adam's moments restart; the schedule continues), or resume on the layout it was saved on")
 
     def _load_tensors(self, target: dict, reader: SafeFileSystemReader, available: set[str], path: Path) -> None:
         flat = _flat_keys(target)
@@ -321,7 +338,12 @@ def _attempt(step, it: int, save: Path) -> str:
 
 def _poison(model: torch.nn.Module) -> None:
     with torch.no_grad():
-        next(model.parameters()).view(-1)[0] = float("nan")
+        param = next(model.parameters())
+        (param.to_local() if hasattr(param, "to_local") else param).view(-1)[0] = float("nan")
+
+
+def _engine(backend: str) -> str:
+    return "torch" if backend.startswith("fsdp2") else "native"
 
 
 def _group_bounds(groups: list[dict]) -> list[dict[str, float]]:

@@ -1,7 +1,8 @@
 """What ``dry_run=true`` prints: the resolved config, the derived schedule and the resource plan.
 
-Nothing is started or allocated: the model is built on the meta device for its parameter count.
-The per-rank memory table covers data-parallel sizes 1, 8 and 64, or ``WORLD_SIZE`` when it is set.
+Nothing is started or allocated: the model is built on the meta device for its parameter shapes.
+The per-rank memory table lays the config's parallel layout (tensor parallel, FSDP2/HSDP) over
+``WORLD_SIZE`` ranks when it is set, else over 1, 8 and 64 data-parallel shards.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.config.torch_scheduler import TorchSchedule
 
-DEFAULT_DATA_PARALLEL_SIZES = (1, 8, 64)
+DEFAULT_DATA_PARALLEL_SHARDS = (1, 8, 64)
 
 
 def human(n: float) -> str:
@@ -69,10 +70,13 @@ def _exact(samples: float) -> str:
 
 
 
-def data_parallel_sizes() -> tuple[int, ...]:
-    """``WORLD_SIZE`` when set (as under torchrun), else 1, 8 and 64."""
+def world_sizes(cfg: ConfigContainer) -> tuple[int, ...]:
+    """``WORLD_SIZE`` when set (as under torchrun), else the ranks of 1, 8 and 64 shards of the layout."""
     world = os.environ.get("WORLD_SIZE", "")
-    return (int(world),) if world.isdigit() and int(world) > 0 else DEFAULT_DATA_PARALLEL_SIZES
+    if world.isdigit() and int(world) > 0:
+        return (int(world),)
+    ranks_per_shard = cfg.model.tensor_model_parallel_size * cfg.dist.data_parallel_replicate_degree
+    return tuple(n * ranks_per_shard for n in DEFAULT_DATA_PARALLEL_SHARDS)
 
 
 def report(cfg: ConfigContainer, derived: Derived) -> str:
@@ -88,7 +92,7 @@ def report_parts(cfg: ConfigContainer, derived: Derived):
     yield "\n".join(["# data", mix_table(cfg.dataset, derived, cfg.model.seq_length)])
     from anneal.planner import plan, plan_table
 
-    yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, data_parallel_sizes()), cfg)])
+    yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, world_sizes(cfg)), cfg)])
     from anneal.resume_preview import preview  # with a checkpoint to resume: the decision and its figure
 
     if resume := preview(cfg, derived):

@@ -10,8 +10,8 @@ from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
 from anneal.config.provenance import UserSet
 from anneal.config.ranges import check_ranges
-from anneal.config.runtime import (CheckpointConfig, DistributedConfig, LoggerConfig, ProfilingConfig,
-                                   RNGConfig)
+from anneal.config.runtime import (CheckpointConfig, CompileConfig, DistributedConfig, LoggerConfig,
+                                   ProfilingConfig, RNGConfig)
 from anneal.config.scheduler import SchedulerConfig
 from anneal.config.torch_scheduler import TorchSchedulerConfig
 from anneal.config.training import TrainingConfig
@@ -30,6 +30,7 @@ class ConfigContainer:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     rng: RNGConfig = field(default_factory=RNGConfig)
     dry_run: bool = False  # print the resolved config, derived schedule and plan; train nothing
 
@@ -50,8 +51,9 @@ class ConfigContainer:
         check_types(self)
         check_ranges(self)
         for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
-                        self.checkpoint, self.logger, self.profiling, self.dist, self.rng):
+                        self.checkpoint, self.logger, self.profiling, self.dist, self.compile, self.rng):
             section.validate()
+        self._check_engine()
         known = self.dataset.known_max_token()
         if known is not None and known >= self.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({self.model.vocab_size}) must be > the largest token of "
@@ -59,6 +61,17 @@ class ConfigContainer:
         self.dataset.check_against(self.model.vocab_size, getattr(self.scheduler, "lr_decay_style", None),
                                    eval_interval=self.train.eval_interval if self.train.eval_iters else None)
         return derive(self.train, self.optimizer, self.scheduler, user_set)
+
+    def _check_engine(self) -> None:
+        """The rules between the parallel layout and the optimizer (the world size is checked at launch)."""
+        tp, fsdp = self.model.tensor_model_parallel_size, self.dist.use_torch_fsdp2
+        if tp > 1 and not fsdp:
+            raise ConfigError(f"model.tensor_model_parallel_size ({tp}) needs dist.use_torch_fsdp2=true: tensor "
+                              "parallel runs on PyTorch's engine (DTensor, with FSDP2 over data parallel)")
+        if fsdp and self.optimizer.use_distributed_optimizer:
+            raise ConfigError("dist.use_torch_fsdp2 (True) and optimizer.use_distributed_optimizer (True) both "
+                              "shard the optimizer state; FSDP2 shards it already: set "
+                              "optimizer.use_distributed_optimizer=false")
 
 
 def check_world(train: TrainingConfig, data_parallel_size: int) -> int:

@@ -53,6 +53,9 @@ class ModelConfig:
     recompute_method: str | None = None  # full only: "uniform" (units of recompute_num_layers) or "block"
     # full only: layers per recomputed unit (uniform), or how many first layers are recomputed (block)
     recompute_num_layers: int | None = None
+    # Tensor parallel ranks (Megatron's name): q/k/v and gate/up split column-wise, o and down row-wise,
+    # over DTensor; the embedding, output layer and norms are replicated. Needs dist.use_torch_fsdp2.
+    tensor_model_parallel_size: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -73,6 +76,7 @@ class ModelConfig:
         self._check_types()
         self._check_head_shapes()
         self._check_recompute()
+        self._check_tensor_parallel()
 
     def _check_types(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -123,6 +127,16 @@ class ModelConfig:
         if n is None or not 1 <= n <= self.num_layers:
             raise ConfigError(f"model.recompute_num_layers ({n!r}) must be in [1, model.num_layers "
                               f"({self.num_layers})] when model.recompute_granularity is 'full'")
+
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_model_parallel_size
+        _positive_int("model.tensor_model_parallel_size", tp)
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.num_kv_heads), ("ffn_hidden_size", self.ffn_hidden_size)):
+            if value % tp:
+                raise ConfigError(f"model.{name} ({value}) must be divisible by model.tensor_model_parallel_size "
+                                  f"({tp}): each tensor-parallel rank holds an equal share")
 
 
 def _positive_int(path: str, value: object) -> None:

@@ -53,6 +53,7 @@ RANGES: dict[str, Range] = {
                                                    "vocab_size", "seq_length")},
     **{f"ModelConfig.{n}": POSITIVE for n in ("rotary_base", "init_method_std", "layernorm_epsilon")},
     "ModelConfig.cross_entropy_chunk_size": AT_LEAST_0,
+    "ModelConfig.tensor_model_parallel_size": POSITIVE_INT,
     "ModelConfig.recompute_num_layers": Range(1, text=">= 1 or null"),
     **{f"OptimizerConfig.{n}": AT_LEAST_0 for n in ("lr", "min_lr", "decoupled_lr", "decoupled_min_lr",
                                                      "weight_decay", "clip_grad")},
@@ -82,6 +83,7 @@ RANGES: dict[str, Range] = {
     "ProfilingConfig.profile_step_end": AT_LEAST_1,
     "ProfilingConfig.profile_ranks": AT_LEAST_0,
     "DistributedConfig.timeout_minutes": Range(0, 24 * 60, low_open=True),
+    "DistributedConfig.data_parallel_replicate_degree": POSITIVE_INT,
     "RNGConfig.seed": Range(0, 2**63, high_open=True, text="in [0, 2**63)"),
 }
 

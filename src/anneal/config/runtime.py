@@ -1,5 +1,5 @@
 """Sections for the run around the model: ``checkpoint.``, ``logger.``, ``profiling.``, ``dist.``,
-``rng.``."""
+``compile.``, ``rng.``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from anneal.errors import ConfigError, check_choice
 
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -98,14 +99,34 @@ class DistributedConfig:
     # How long a collective may wait for a peer before the job fails (exit 1), naming the stage.
     # 5 minutes covers a checkpoint save of the shipped 8B recipe on a shared file system; fractions work.
     timeout_minutes: float = 5.0
+    # PyTorch's engine (Megatron-Bridge's name): FSDP2 `fully_shard` per transformer block and the root,
+    # bf16/fp16 compute with fp32 parameters and gradient reduction; needed by tensor parallel.
+    use_torch_fsdp2: bool = False
+    # HSDP (torchtitan's name): replicas of the FSDP2 group; each shards over data-parallel size / this.
+    data_parallel_replicate_degree: int = 1
+    fsdp_reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3) or keep them
 
     def validate(self) -> None:
         check_choice("dist.backend", self.backend, DIST_BACKENDS)
+        if self.data_parallel_replicate_degree != 1 and not self.use_torch_fsdp2:
+            raise ConfigError(f"dist.data_parallel_replicate_degree ({self.data_parallel_replicate_degree}) "
+                              "needs dist.use_torch_fsdp2=true (HSDP replicates FSDP2 groups)")
         check_choice("dist.device", self.device, DEVICES)
         if self.backend == "nccl" and self.device == "cpu":
             raise ConfigError("dist.backend ('nccl') needs dist.device 'cuda' or 'auto', not 'cpu'")
         if not 0 < self.timeout_minutes <= 24 * 60:
             raise ConfigError(f"dist.timeout_minutes ({self.timeout_minutes}) must be in (0, 1440]")
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` of each transformer block (torchtitan's names), compiled at the first forward."""
+
+    enable: bool = False  # compile every transformer block
+    backend: str = "inductor"  # a torch.compile backend: inductor (fast kernels), aot_eager (checks tracing)
+
+    def validate(self) -> None:
+        check_choice("compile.backend", self.backend, COMPILE_BACKENDS)
 
 
 @dataclass

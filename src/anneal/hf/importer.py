@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from anneal.config.model import ModelConfig
+from anneal.parallelize import copy_full_
 from anneal.errors import ConfigError
 from anneal.hf.mapping import check_model_config, to_hf_name
 
@@ -92,7 +93,7 @@ def load_pretrained(directory: str | Path, model: torch.nn.Module, optimizer: An
                     f"{_FIELD} ({directory}): {to_hf_name(name)} has shape {tuple(tensor.shape)}, "
                     f"the model's {name} {tuple(param.shape)}"
                 )
-            param.copy_(tensor)
+            copy_full_(param, tensor)  # a plain parameter, or its FSDP2 / tensor-parallel shard
     optimizer.reload_model_params()
 
 

@@ -90,9 +90,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        # -1 heads: under tensor parallel each rank holds heads / TP of them (anneal.parallelize).
+        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, dim]

@@ -40,6 +40,7 @@ from anneal.optim.base import StepResult
 from anneal.optim.flat_layout import FlatLayout, build_layout
 from anneal.optim.loss_scaler import LossScaler
 from anneal.optim.norms import l2_norm
+from anneal.optim.param_groups import with_defaults
 from anneal.optim.update_rules import UpdateRule
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class FlatOptimizer:
         self.sharded = sharded
         self.dp_group = dp_group
         self.world_size, self.rank = comm.world_of(dp_group)
-        self.param_groups = [_with_defaults(g, weight_decay) for g in param_groups]
+        self.param_groups = [with_defaults(g, weight_decay) for g in param_groups]
         self.params = [p for g in self.param_groups for p in g["params"]]
         device = _single_device(self.params)
         self.layout = _layout_for(
@@ -205,9 +206,9 @@ class FlatOptimizer:
     def _apply_update(self, grads: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
         for segment, step in zip(self._segments, self._steps):
             sl = slice(segment.start, segment.end)
-            state = {name: t[sl] for name, t in self._state.items()}
+            state = {name: [t[sl]] for name, t in self._state.items()}
             self.update(
-                self.param_groups[segment.group], self._master[sl], grads[sl], state, step, grad_scale
+                self.param_groups[segment.group], [self._master[sl]], [grads[sl]], state, [step], grad_scale
             )
 
     def _publish_parameters(self) -> None:
@@ -275,14 +276,6 @@ class FlatOptimizer:
             raise ValueError(f"optimizer state has {local.numel()} elements for a shard of {valid}")
         if valid and local.data_ptr() != target.data_ptr():
             target[:valid].copy_(local)
-
-
-def _with_defaults(group: dict[str, Any], weight_decay: float) -> dict[str, Any]:
-    """A copy of ``group`` with ``lr`` and ``weight_decay`` present before the scheduler's first write."""
-    out = dict(group)
-    out.setdefault("lr", group.get("max_lr", 0.0))
-    out.setdefault("weight_decay", weight_decay * group.get("wd_mult", 1.0))
-    return out
 
 
 def _single_device(params: list[torch.Tensor]) -> torch.device:

@@ -108,3 +108,11 @@ def _check_rules_used(rules: list[ParamGroupRule], used: list[bool], names: list
             f"optimizer.param_group_rules[{i}].pattern ({rule.pattern!r}) is unused: {why} "
             f"(fnmatch against the full dotted name){suggestion}"
         )
+
+
+def with_defaults(group: dict[str, Any], weight_decay: float) -> dict[str, Any]:
+    """A copy of ``group`` with ``lr`` and ``weight_decay`` present before the scheduler's first write."""
+    out = dict(group)
+    out.setdefault("lr", group.get("max_lr", 0.0))
+    out.setdefault("weight_decay", weight_decay * group.get("wd_mult", 1.0))
+    return out

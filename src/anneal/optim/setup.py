@@ -7,9 +7,13 @@ Backends (``optimizer.backend`` names what runs; the launcher prints ``optimizer
 - ``use_distributed_optimizer=true``: ``apex`` (Apex's DistributedFusedAdam) when
   ``distributed_backend`` is ``apex``, or ``auto`` with Apex importable and CUDA present;
   otherwise ``native-zero1``: the flat optimizer with state and fp32 masters sharded (ZeRO-1).
+- PyTorch's engine (a ``layout`` with ``fsdp``, the model already through ``anneal.parallelize``):
+  ``fsdp2-adamw`` / ``fsdp2-sgd``, per-parameter state sharded as FSDP2 shards the parameters.
 
-Mixed precision: with ``bf16`` / ``fp16`` this function casts the model's parameters to that dtype
-(in place, keeping fp32 master copies inside the optimizer); the caller does not cast the model.
+Mixed precision: on the native engine, with ``bf16`` / ``fp16`` this function casts the model's
+parameters to that dtype (in place, keeping fp32 master copies inside the optimizer); the caller
+does not cast the model. On PyTorch's engine the parameters stay fp32 and FSDP2 casts its
+gathered compute copy.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from anneal.errors import ConfigError
 from anneal.optim.apex_backend import ApexOptimizer, apex_available
 from anneal.optim.base import AnnealOptimizer
 from anneal.optim.flat_optimizer import FlatOptimizer
+from anneal.optim.fsdp2_optimizer import FSDP2Optimizer
 from anneal.optim.loss_scaler import build_loss_scaler
 from anneal.optim.param_groups import get_param_groups
 from anneal.optim.update_rules import build_update_rule
+from anneal.parallel import ParallelDims
 from anneal.scheduler import ParamScheduler, Schedule, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -41,20 +47,25 @@ def setup_optimizer(
     schedule: Schedule,
     dp_group: dist.ProcessGroup | None = None,
     resume: Any = None,
+    layout: ParallelDims | None = None,
 ) -> tuple[AnnealOptimizer, ParamScheduler]:
     """Build the optimizer over ``model``'s parameter groups, then the scheduler that drives it.
 
     ``scheduler_config`` needs ``override_opt_param_scheduler`` and
     ``use_checkpoint_opt_param_scheduler``; ``schedule`` carries the numbers (in samples);
-    ``resume`` (an ``anneal.resume.ResumePlan``) makes a branch or an extension keep them on load.
+    ``resume`` (an ``anneal.resume.ResumePlan``) makes a branch or an extension keep them on load;
+    ``layout`` (``anneal.parallel``) selects PyTorch's engine when it has ``fsdp``.
     """
     optimizer_config.validate()
     groups = get_param_groups(model, optimizer_config, fallback_min_lr=schedule.min_lr)
-    backend = select_backend(optimizer_config)
-    _warn_unhonoured(optimizer_config, backend)
     dtype = model_dtype(optimizer_config)
-    _cast_frozen_parameters(model, dtype)
-    optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
+    if layout is not None and layout.fsdp:
+        optimizer = build_fsdp2_optimizer(optimizer_config, groups, model, layout, dtype)
+    else:
+        backend = select_backend(optimizer_config)
+        _warn_unhonoured(optimizer_config, backend)
+        _cast_frozen_parameters(model, dtype)
+        optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
     scheduler = build_scheduler(optimizer, scheduler_config, schedule,
                                 resume_mode=getattr(resume, "resume_mode", None),
                                 param_group_bounds=getattr(resume, "param_group_bounds", None))
@@ -112,6 +123,20 @@ def build_optimizer(
         dp_group=dp_group,
         sharded=backend == "native",
     )
+
+
+def build_fsdp2_optimizer(config: OptimizerConfig, groups: list[dict[str, Any]], model: torch.nn.Module,
+                          layout: ParallelDims, dtype: torch.dtype) -> FSDP2Optimizer:
+    """The optimizer over a model already sharded by ``anneal.parallelize`` (fp32 parameters)."""
+    from anneal.parallelize import tp_partial_parameters
+
+    for name in ("overlap_grad_reduce", "overlap_param_gather"):
+        if getattr(config, name):
+            logger.info("optimizer.%s: FSDP2 overlaps its collectives with compute already", name)
+    return FSDP2Optimizer(groups, update=build_update_rule(config), clip_grad=config.clip_grad,
+                          weight_decay=config.weight_decay, layout=layout.describe(), compute_dtype=dtype,
+                          loss_scaler=build_loss_scaler(config), tp_partial=tp_partial_parameters(model, layout),
+                          tp_group=layout.tp_mesh.get_group() if layout.tp_size > 1 else None)
 
 
 def _warn_unhonoured(config: OptimizerConfig, backend: str) -> None:

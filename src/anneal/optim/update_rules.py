@@ -1,4 +1,8 @@
-"""The update itself: PyTorch's fused AdamW / SGD kernels applied to flat fp32 slices.
+"""The update itself: PyTorch's fused AdamW / SGD kernels applied to fp32 tensors.
+
+The flat optimizer passes one slice of its flat buffer per param group; the FSDP2 optimizer passes
+the local shards of a group's parameters (lists of equal length: parameters, gradients, each
+state, steps).
 
 Each call reads ``lr`` and ``weight_decay`` from the param group (the scheduler writes them
 every step) and divides the gradients by ``grad_scale`` inside the kernel, so averaging over
@@ -29,14 +33,14 @@ class AdamWUpdate:
     def __call__(
         self,
         group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        step: torch.Tensor,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
         grad_scale: torch.Tensor | None,
     ) -> None:
         adam(
-            [param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
+            params, grads, state["exp_avg"], state["exp_avg_sq"], [], steps,
             fused=True, grad_scale=grad_scale, found_inf=None,
             amsgrad=False, beta1=self.beta1, beta2=self.beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=self.eps, maximize=False, decoupled_weight_decay=True,
@@ -55,16 +59,16 @@ class SgdUpdate:
     def __call__(
         self,
         group: dict[str, Any],
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        state: dict[str, torch.Tensor],
-        step: torch.Tensor,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
         grad_scale: torch.Tensor | None,
     ) -> None:
         # A zero buffer on the first step gives torch's "buffer = grad" start (no dampening).
-        step.add_(1)
+        torch._foreach_add_(steps, 1)
         sgd(
-            [param], [grad], [state["momentum_buffer"]], fused=True, grad_scale=grad_scale, found_inf=None,
+            params, grads, state["momentum_buffer"], fused=True, grad_scale=grad_scale, found_inf=None,
             weight_decay=group["weight_decay"], momentum=self.momentum, lr=group["lr"],
             dampening=0.0, nesterov=False, maximize=False,
         )  # fmt: skip

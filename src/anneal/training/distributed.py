@@ -73,11 +73,12 @@ def init_distributed(cfg: DistributedConfig, layout: ParallelDims) -> DistContex
     world_size, rank = layout.world_size, layout.rank
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg, local_rank)
-    if world_size == 1:
+    if world_size == 1 and not layout.fsdp:
         return DistContext(0, 1, 0, device, None, layout)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
-    store = _job_store(timeout)
+    # FSDP2 on one process still needs a (one-rank) group: its checkpoints then load on any layout.
+    store = _job_store(timeout) if world_size > 1 else dist.HashStore()
     global _joined
     _joined = True
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,

@@ -22,7 +22,9 @@ from anneal.hf.importer import check_pretrained, load_pretrained
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
+from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
+from anneal.parallelize import parallelize
 from anneal.resume import plan_resume, write_lineage
 from anneal.errors import RunError
 from anneal.training.distributed import DistContext, behind_ranks, init_distributed, shutdown
@@ -47,10 +49,12 @@ def run_dir() -> Path:
 def run(cfg: ConfigContainer, derived: Derived) -> int:
     """Train; return the exit code (``anneal.exits``). Errors propagate after the process group is gone."""
     # The parallel layout, checked before any process group or model exists; every consumer reads it.
-    layout = plan_layout(cfg.train, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+    layout = plan_layout(cfg.train, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                         tp=cfg.model.tensor_model_parallel_size, fsdp=cfg.dist.use_torch_fsdp2,
+                         replicate=cfg.dist.data_parallel_replicate_degree)
     from anneal.planner import check_fits  # the plan's memory against the device's free memory
 
-    check_fits(cfg, layout.dp_size, cfg.dist.device)
+    check_fits(cfg, layout, cfg.dist.device)
     files.check_load_target(cfg.checkpoint)  # a checkpoint.load with nothing to load, before anything is built
     check_pretrained(cfg.model, cfg.checkpoint.pretrained_checkpoint)  # model.* against its config.json
     train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
@@ -73,10 +77,13 @@ def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, d
     stage.now = "building the model and optimizer"
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, device=ctx.device)
+    parallelize(model, ctx.parallel, param_dtype=model_dtype(cfg.optimizer),
+                reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
+                compile_backend=cfg.compile.backend if cfg.compile.enable else None)
     plan = plan_resume(cfg, derived)  # resume, anneal branch or extension, decided from the checkpoint's state
     derived = plan.derived  # the schedule in force after that decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
-                                           dp_group=ctx.parallel.dp_group, resume=plan)
+                                           dp_group=ctx.parallel.dp_group, resume=plan, layout=ctx.parallel)
     out = run_dir()
     metrics = MetricsLogger(cfg.logger, out, enabled=ctx.is_main, total_iters=derived.train_iters,
                             run_config=dataclasses.asdict(cfg))
@@ -172,7 +179,8 @@ def _lock_save_dir(cfg: ConfigContainer) -> SaveDirLock | None:
 def _banner(cfg: ConfigContainer, derived: Derived, ctx, optimizer, out: Path) -> str:
     n = num_parameters(cfg.model)
     return "\n".join([
-        f"anneal: {n / 1e6:.2f}M parameters, {ctx.world_size} rank(s) on {ctx.device}"
+        f"anneal: {n / 1e6:.2f}M parameters, {ctx.world_size} rank(s) on {ctx.device}, "
+        f"{ctx.parallel.describe()}"
         f" ({ctx.backend or 'no process group'}), optimizer backend {optimizer.backend}",
         f"anneal: {derived.train_iters} iterations, global batch {cfg.train.global_batch_size}, "
         f"micro batch {cfg.train.micro_batch_size}, {derived.train_samples} samples; run dir {out}",

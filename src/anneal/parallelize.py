@@ -1,0 +1,91 @@
+"""Apply the layout to a built model on PyTorch's engine: tensor parallel, ``torch.compile``, FSDP2.
+
+The order is torchtitan's: tensor parallel first (DTensor over the ``tp`` mesh), then compile each
+transformer block, then ``fully_shard`` each block and the root over the data-parallel mesh (HSDP
+when it has a replicate dimension).
+
+- **Tensor parallel** (``model.tensor_model_parallel_size``): q/k/v and gate/up column-wise, o and
+  down row-wise, so each rank holds heads / TP query heads and query groups / TP key-value heads
+  (grouped-query attention splits as a whole) and ffn / TP of the MLP; one all-reduce after
+  attention and one after the MLP. The embedding, the output layer and every norm are replicated:
+  the loss is then the plain (or chunked) cross-entropy on every TP rank, with no vocab-parallel
+  collective (README: Scaling gives the measured cost). The per-head q/k norms see only this rank's
+  heads, so their gradients are partial sums: ``tp_partial_parameters`` names them and the
+  optimizer sums them over the ``tp`` group before anything reads a gradient.
+- **FSDP2**: parameters stay fp32 and sharded (they are the optimizer's master weights); forward
+  and backward gather them in ``param_dtype`` (bf16/fp16, or fp32) and gradients are reduced in
+  fp32, as torchtitan's ``MixedPrecisionPolicy``. ``reshard_after_forward`` frees the gathered
+  parameters of a block after its forward (ZeRO-3) or keeps them until backward (ZeRO-2-like).
+- **compile** (``compile.enable``): each block's forward is compiled in place (names unchanged, so
+  checkpoints do not see it), traced at the first forward, after the optimizer exists; on the
+  native engine that is after the flat buffers rebound the parameters, which is what it needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anneal.parallel import ParallelDims
+
+COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+TP_PARTIAL = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # gradients summed over tp
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype, reshard_after_forward: bool,
+                compile_backend: str | None = None) -> nn.Module:
+    """Shard ``model`` (built whole, the same on every rank) in place per ``dims``; returns it."""
+    if dims.tp_size > 1:
+        apply_tensor_parallel(model, dims)
+    if compile_backend is not None:
+        for layer in model.layers:
+            layer.compile(backend=compile_backend)
+    if dims.fsdp:
+        apply_fsdp(model, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {name: ColwiseParallel() for name in COLWISE} | {name: RowwiseParallel() for name in ROWWISE}
+    for layer in model.layers:
+        parallelize_module(layer, dims.tp_mesh, plan)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype,
+               reshard_after_forward: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mesh = dims.fsdp_mesh
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root (embedding, final norm, output layer) is gathered for the whole step: its parameters are
+    # used first and last, so resharding them after forward would only gather them twice.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def tp_partial_parameters(model: nn.Module, dims: ParallelDims) -> list[nn.Parameter]:
+    """Parameters whose gradient each tensor-parallel rank holds only a part of (sum over ``tp``)."""
+    if dims.tp_size == 1:
+        return []
+    return [p for name, p in model.named_parameters() if name.endswith(TP_PARTIAL)]
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor ``full`` into ``param``, which may be a DTensor shard of any placement.
+
+    Every rank passes the same ``full``: it becomes a replicated DTensor and is redistributed to the
+    parameter's placements, a local slice with no communication (also FSDP2's strided shards over TP).
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(param, DTensor):
+        param.copy_(full)
+        return
+    mesh = param.device_mesh
+    whole = DTensor.from_local(full.to(param.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    param.to_local().copy_(whole.redistribute(mesh, param.placements).to_local())

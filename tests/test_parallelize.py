@@ -1,0 +1,185 @@
+"""PyTorch's engine in real gloo processes: the layout's ranks, shard sizes against the planner, every
+layout and precision against one unsharded process, fp16 skips, weights written into shards, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from anneal.config.model import ModelConfig
+from anneal.config.optimizer import OptimizerConfig
+from anneal.config.training import TrainingConfig
+from anneal.errors import ConfigError
+from anneal.model.qwen3 import build_model
+from anneal.parallel import plan_layout, with_mesh
+
+TRAIN = TrainingConfig(train_iters=10, global_batch_size=8, micro_batch_size=2)
+# Uneven on purpose: 321 vocabulary rows and 12-row norms do not split evenly over 2 or 4 shards.
+MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                    kv_channels=12, vocab_size=321, seq_length=16, share_embeddings_and_output_weights=False)
+LAYOUTS = {"fsdp2-4": {}, "hsdp-2x2": {"replicate": 2}, "tp2-x-fsdp2-2": {"tp": 2},
+           "tp2-x-replicas-2": {"tp": 2, "replicate": 2}}
+
+
+def test_tensor_parallel_is_innermost_and_ranks_of_one_tp_group_read_the_same_data() -> None:
+    dims = plan_layout(TRAIN, 8, rank=5, tp=2, fsdp=True, replicate=2)
+    assert (dims.dp_size, dims.dp_rank, dims.tp_rank, dims.dp_replicate, dims.dp_shard) == (4, 2, 1, 2, 2)
+    assert plan_layout(TRAIN, 8, rank=4, tp=2, fsdp=True).dp_rank == 2  # ranks 4 and 5: one TP group
+    assert dims.describe() == "HSDP 2×2 × TP 2"
+
+
+@pytest.mark.parametrize(("world", "kwargs", "message"), [
+    (4, {"tp": 3, "fsdp": True}, r"model.tensor_model_parallel_size \(3\) must divide the world size \(4\)"),
+    (4, {"replicate": 3, "fsdp": True}, r"dist.data_parallel_replicate_degree \(3\) must divide the data-parallel"),
+    (6, {"tp": 2, "fsdp": True}, r"train.global_batch_size \(8\) must be divisible .* data-parallel size \(3\)"),
+])
+def test_a_layout_that_does_not_split_is_refused_before_any_group(world, kwargs, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_layout(TRAIN, world, **kwargs)
+    assert not dist.is_initialized()
+
+
+def _batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, MODEL.vocab_size, (4, MODEL.seq_length + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(model, optimizer, steps: int = 2, dp: tuple[int, int] = (0, 1)) -> list[float]:
+    """``steps`` optimizer steps on fixed batches; each data-parallel rank takes its rows of the batch."""
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        tokens = _batch(step)
+        rank, size = dp
+        rows = tokens[rank * len(tokens) // size:(rank + 1) * len(tokens) // size]
+        loss = model(rows[:, :-1], labels=rows[:, 1:])
+        optimizer.scale_loss(loss).backward()
+        result = optimizer.step()
+        losses.append(float(result.grad_norm))
+        for group in optimizer.param_groups:  # a fixed lr, as a scheduler would write it
+            group["lr"] = 1e-3
+    return losses
+
+
+def _optimizer_config(dtype: str) -> OptimizerConfig:
+    return OptimizerConfig(lr=1e-3, clip_grad=1.0, bf16=dtype == "bf16", fp16=dtype == "fp16",
+                           initial_loss_scale=2.0**10 if dtype == "fp16" else 2.0**32)
+
+
+def _build(dims, dtype: str):
+    from anneal.optim.param_groups import get_param_groups
+    from anneal.optim.setup import build_fsdp2_optimizer, build_optimizer, model_dtype
+    from anneal.parallelize import parallelize
+
+    config = _optimizer_config(dtype)
+    torch.manual_seed(0)
+    model = build_model(MODEL)
+    parallelize(model, dims, param_dtype=model_dtype(config), reshard_after_forward=True)
+    groups = get_param_groups(model, config, fallback_min_lr=0.0)
+    if dims.fsdp:
+        return model, build_fsdp2_optimizer(config, groups, model, dims, model_dtype(config))
+    return model, build_optimizer(config, groups, backend="replicated", dtype=model_dtype(config), dp_group=None)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _layouts_match_one_process_and_the_planner(rank: int, world: int) -> None:
+    from anneal.parallel import single_process
+    from anneal.planner import state_bytes
+
+    for dtype, rel in (("fp32", 1e-5), ("bf16", 1e-2), ("fp16", 1e-2)):
+        reference, ref_opt = _build(single_process(), dtype)  # the native engine, one process
+        ref_norms = _train(reference, ref_opt)
+        expected = {n: p.detach().float() for n, p in reference.named_parameters()}
+        for name, kwargs in LAYOUTS.items():
+            dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, **kwargs), "cpu")
+            model, optimizer = _build(dims, dtype)
+            norms = _train(model, optimizer, dp=(dims.dp_rank, dims.dp_size))
+            assert norms == pytest.approx(ref_norms, rel=rel), (name, dtype)
+            for pname, param in model.named_parameters():
+                actual = _full(param.detach()).float()
+                assert param.dtype == torch.float32, (name, pname)  # FSDP2 keeps fp32 masters
+                err = ((actual - expected[pname]).norm() / expected[pname].norm()).item()
+                assert err <= rel, (name, dtype, pname, err)
+            if dtype != "fp32":
+                continue
+            # The planner's bytes on this rank are the tensors' real local sizes.
+            shard_rank = dims.dp_rank % dims.dp_shard
+            planned = state_bytes(MODEL, _optimizer_config(dtype), dims, tp_rank=dims.tp_rank, shard_rank=shard_rank)
+            params = [p.to_local() for p in model.parameters()]
+            grads = [p.grad.to_local() for p in model.parameters()]
+            moments = [t for s in optimizer._state for t in s.values()]
+            assert planned.params == sum(t.numel() * t.element_size() for t in params), name
+            assert planned.grads == sum(t.numel() * t.element_size() for t in grads), name
+            assert planned.optimizer == sum(t.numel() * t.element_size() for t in moments), name
+            assert planned.optimizer == optimizer.state_bytes()
+
+
+@pytest.mark.slow
+def test_every_layout_and_precision_matches_one_process_and_the_planner_on_four_ranks() -> None:
+    from optim.optim_helpers import run_distributed
+
+    run_distributed(_layouts_match_one_process_and_the_planner, 4)
+
+
+def _weights_copy_into_any_shard_and_fp16_skips(rank: int, world: int) -> None:
+    from anneal.parallelize import copy_full_
+
+    dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, tp=2), "cpu")
+    model, optimizer = _build(dims, "fp32")
+    full = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+            for i, (n, p) in enumerate(model.named_parameters())}
+    for name, param in model.named_parameters():
+        copy_full_(param, full[name])
+    for name, param in model.named_parameters():
+        assert torch.equal(_full(param.detach()), full[name]), name
+
+    model, optimizer = _build(dims, "fp16")
+    optimizer.loss_scaler.scale = 2.0**200  # overflows fp32 gradients: inf
+    before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    optimizer.zero_grad()
+    tokens = _batch(0)
+    optimizer.scale_loss(model(tokens[:, :-1], labels=tokens[:, 1:])).backward()
+    result = optimizer.step()
+    assert result.skipped and result.num_skipped == 1 and optimizer.num_updates == 0
+    assert all(torch.equal(_full(p.detach()), before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_weights_enter_tensor_parallel_fsdp2_shards_and_fp16_overflow_skips_the_step() -> None:
+    from optim.optim_helpers import run_distributed
+
+    run_distributed(_weights_copy_into_any_shard_and_fp16_skips, 2)
+
+
+def _compiled_blocks_match_eager(rank: int, world: int) -> None:
+    from torch._dynamo.utils import counters
+
+    from anneal.parallel import single_process
+    from anneal.parallelize import parallelize
+
+    tokens = _batch(0)
+    for dims in (single_process(), with_mesh(plan_layout(TRAIN, 1, 0, fsdp=True), "cpu")):
+        losses = []
+        for backend in (None, "aot_eager"):
+            torch.manual_seed(0)
+            model = build_model(MODEL)
+            parallelize(model, dims, param_dtype=torch.float32, reshard_after_forward=True, compile_backend=backend)
+            counters.clear()
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+            loss.backward()
+            losses.append(loss.item())
+            assert (counters["stats"]["unique_graphs"] > 0) == (backend is not None), dims.describe()
+            assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_model(MODEL).named_parameters()]
+        assert math.isclose(losses[0], losses[1], rel_tol=1e-6), dims.describe()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_on_the_native_engine_and_under_fsdp2() -> None:
+    from optim.optim_helpers import run_distributed
+
+    run_distributed(_compiled_blocks_match_eager, 1)
