@@ -37,6 +37,16 @@ def test_invalid_value_fails_before_anything_starts(tmp_path) -> None:
     assert not (tmp_path / "outputs").exists()  # no run directory was made
 
 
+def test_a_layout_the_world_cannot_hold_fails_before_any_process_group(tmp_path) -> None:
+    # Under torchrun WORLD_SIZE and RANK come from the launcher; the check runs before the group is joined.
+    out = run_cli("dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=2",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"WORLD_SIZE": "3", "RANK": "0"})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == ("anneal: error: model.tensor_model_parallel_size (2) must divide the world "
+                                  "size (3)")
+    assert not (tmp_path / "run").exists()  # the failed run's directory is removed
+
+
 def test_full_error_env_shows_the_traceback() -> None:
     out = run_cli("optimizer.lr=abc", "dry_run=true", env={"ANNEAL_FULL_ERROR": "1"})
     assert out.returncode != 0 and "Traceback" in out.stderr and "optimizer.lr ('abc')" in out.stderr

@@ -52,6 +52,16 @@ RULES = [
     (["dist.backend=mpi"], "dist.backend ('mpi')"),
     (["dist.backend=nccl", "dist.device=cpu"], "dist.backend ('nccl') needs dist.device"),
     (["rng.seed=-1"], "rng.seed (-1)"),
+    (["model.tensor_model_parallel_size=2"], "model.tensor_model_parallel_size (2) needs dist.use_torch_fsdp2=true"),
+    (["dist.use_torch_fsdp2=true", "optimizer=distributed_fused_adam"],
+     "dist.use_torch_fsdp2 (True) and optimizer.use_distributed_optimizer (True) both shard the optimizer state"),
+    (["dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=4"],
+     "model.num_query_groups (2) must be divisible by model.tensor_model_parallel_size (4)"),
+    (["dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=3"],
+     "model.num_attention_heads (4) must be divisible by model.tensor_model_parallel_size (3)"),
+    (["dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=0"], "model.tensor_model_parallel_size (0)"),
+    (["dist.data_parallel_replicate_degree=2"], "dist.data_parallel_replicate_degree (2) needs dist.use_torch_fsdp2"),
+    (["compile.backend=tvm"], "compile.backend ('tvm')"),
     (["model.vocab_size=200"], "model.vocab_size (200) must be > the largest token of dataset.kind 'stdlib' (256)"),
 ]
 

@@ -59,12 +59,18 @@ def _assert_matches(records: dict[int, dict], reference: dict[int, dict], iterat
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict[int, dict]:
-    """The native engine on one process: the reference every layout must match."""
-    records = _trained(tmp_path_factory.mktemp("native") / "run")
+def native(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """The native engine on one process, saving at 5 and 10: the reference every layout must match."""
+    tmp = tmp_path_factory.mktemp("native")
+    records = _trained(tmp / "run", f"checkpoint.save={tmp / 'ckpt'}")
     lrs, wds = _planned()
     assert [records[i]["lr"] for i in ITERATIONS] == lrs and [records[i]["weight_decay"] for i in ITERATIONS] == wds
-    return records
+    return tmp / "ckpt", records
+
+
+@pytest.fixture(scope="module")
+def one_process(native) -> dict[int, dict]:
+    return native[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +127,18 @@ def test_a_tensor_parallel_checkpoint_resumes_on_data_parallel(tensor_parallel, 
     ckpt, reference = tensor_parallel
     records = _trained(tmp_path / "run", *FSDP2, f"checkpoint.load={ckpt / 'iter_0000005'}", nproc=2)
     _assert_matches(records, reference, list(range(6, 11)))
+
+
+def test_native_optimizer_state_does_not_load_into_fsdp2_but_its_weights_do(native, tmp_path: Path) -> None:
+    ckpt = native[0] / "iter_0000005"
+    refused = _pretrain(tmp_path / "run", *FSDP2, f"checkpoint.load={ckpt}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"anneal: error: {ckpt}: its optimizer state was saved by torch-adamw-fused (data parallel 1 (native)) "
+        "and does not load into fsdp2-adamw (FSDP2 1): the native engine keeps one flat buffer, FSDP2 one tensor "
+        "per parameter. Load the weights alone with checkpoint.load_optim=false (Adam's moments restart; the "
+        "schedule continues), or resume on the layout it was saved on")
+    weights = _trained(tmp_path / "weights", *FSDP2, f"checkpoint.load={ckpt}", "checkpoint.load_optim=false")
+    assert sorted(weights) == list(range(6, 11))  # continued from iteration 5 with the planned lr
+    assert [weights[i]["lr"] for i in range(6, 11)] == [native[1][i]["lr"] for i in range(6, 11)]
+    assert weights[6]["loss"] == pytest.approx(native[1][6]["loss"], rel=1e-5)  # the weights came across
