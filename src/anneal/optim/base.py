@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,24 @@ class AnnealOptimizer(Protocol):
         ...
 
     def describe(self) -> str: ...
+
+
+def grad_scale(grad_norm: torch.Tensor, clip_grad: float, denom: float) -> torch.Tensor | None:
+    """What the fused kernel divides gradients by: ``denom`` (ranks summed over x loss scale) x clipping.
+
+    Megatron's coefficient ``clip_grad / (norm + 1e-6)``, applied only when below 1; None: nothing to divide.
+    """
+    if clip_grad > 0:
+        return torch.clamp((grad_norm + 1.0e-6) / clip_grad, min=1.0) * denom
+    if denom == 1.0:
+        return None
+    return torch.full((), denom, dtype=torch.float32, device=grad_norm.device)
+
+
+def overflowed(loss_scaler: Any, grad_norm: torch.Tensor) -> bool:
+    """fp16: whether the gradients hold inf/NaN (the step's one host sync); the scaler learns it either way."""
+    found_inf = not bool(torch.isfinite(grad_norm))
+    loss_scaler.update(found_inf)
+    if found_inf:
+        logger.info("fp16: gradients overflowed; step skipped, loss scale now %g", loss_scaler.scale)
+    return found_inf

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from anneal.config.optimizer import OptimizerConfig
 from anneal.optim import collectives as comm
+from anneal.optim.base import grad_scale
 from anneal.scheduler import Schedule
 
 BYTES_PER_PARAM = 7 * 4
@@ -141,7 +142,7 @@ def _anneal_phase_cases(num_params: int, group: dist.ProcessGroup) -> dict[str, 
     opt = build_anneal(make_model(num_params), 1.0, group)
     grads = opt._shard_grads()
     denom = float(opt.world_size)
-    scale = opt._grad_scale(opt._global_norm(grads) / denom, denom)
+    scale = grad_scale(opt._global_norm(grads) / denom, opt.clip_grad, denom)
     return {
         "zero1_step_ms": opt.step,
         "zero1_reduce_ms": lambda: comm.reduce_gradients(opt._flat_grad, opt.layout, group, True),

@@ -28,7 +28,6 @@ so ``torch.distributed.checkpoint`` reshards it N -> M.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -36,14 +35,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from anneal.optim import collectives as comm
-from anneal.optim.base import StepResult
+from anneal.optim.base import StepResult, grad_scale, overflowed
 from anneal.optim.flat_layout import FlatLayout, build_layout
 from anneal.optim.loss_scaler import LossScaler
 from anneal.optim.norms import l2_norm
 from anneal.optim.param_groups import with_defaults
 from anneal.optim.update_rules import UpdateRule
-
-logger = logging.getLogger(__name__)
 
 
 class FlatOptimizer:
@@ -134,16 +131,10 @@ class FlatOptimizer:
         denom = float(self.world_size) * self._loss_scale()
         need_norm = self.clip_grad > 0 or self.loss_scaler is not None
         grad_norm = self._global_norm(grads) / denom if need_norm else self._zero_norm
-        if self.loss_scaler is not None:
-            found_inf = not bool(torch.isfinite(grad_norm))  # the step's one host sync (fp16 only)
-            self.loss_scaler.update(found_inf)
-            if found_inf:
-                self.num_skipped += 1
-                logger.info(
-                    "fp16: gradients overflowed; step skipped, loss scale now %g", self.loss_scaler.scale
-                )
-                return StepResult(grad_norm, True, self._loss_scale(), self.num_skipped)
-        self._apply_update(grads, self._grad_scale(grad_norm, denom))
+        if self.loss_scaler is not None and overflowed(self.loss_scaler, grad_norm):
+            self.num_skipped += 1
+            return StepResult(grad_norm, True, self._loss_scale(), self.num_skipped)
+        self._apply_update(grads, grad_scale(grad_norm, self.clip_grad, denom))
         self._publish_parameters()
         self.num_updates += 1
         return StepResult(grad_norm, False, self._loss_scale(), self.num_skipped)
@@ -193,15 +184,6 @@ class FlatOptimizer:
         squared = local * local
         comm.all_reduce_sum(squared, self.dp_group)
         return squared.sqrt()
-
-    def _grad_scale(self, grad_norm: torch.Tensor, denom: float) -> torch.Tensor | None:
-        """What the kernel divides gradients by: ranks x loss scale x clipping (Megatron's coefficient)."""
-        if self.clip_grad > 0:
-            # clip_coeff = clip_grad / (norm + 1e-6), applied only when < 1 (as Megatron).
-            return torch.clamp((grad_norm + 1.0e-6) / self.clip_grad, min=1.0) * denom
-        if denom == 1.0:
-            return None
-        return torch.full((), denom, dtype=torch.float32, device=grad_norm.device)
 
     def _apply_update(self, grads: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
         for segment, step in zip(self._segments, self._steps):

@@ -21,7 +21,6 @@ so when a run asks to load one into the other.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -29,13 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from anneal.optim.base import StepResult
+from anneal.optim.base import StepResult, grad_scale, overflowed
 from anneal.optim.loss_scaler import LossScaler
 from anneal.optim.norms import l2_norm
 from anneal.optim.param_groups import with_defaults
 from anneal.optim.update_rules import UpdateRule
-
-logger = logging.getLogger(__name__)
 
 
 class FSDP2Optimizer:
@@ -102,14 +99,10 @@ class FSDP2Optimizer:
         scale = self._loss_scale()
         need_norm = self.clip_grad > 0 or self.loss_scaler is not None
         grad_norm = self._global_norm(grads) / scale if need_norm else self._zero_norm
-        if self.loss_scaler is not None:
-            found_inf = not bool(torch.isfinite(grad_norm))  # the step's one host sync (fp16 only)
-            self.loss_scaler.update(found_inf)
-            if found_inf:
-                self.num_skipped += 1
-                logger.info("fp16: gradients overflowed; step skipped, loss scale now %g", self.loss_scaler.scale)
-                return StepResult(grad_norm, True, self._loss_scale(), self.num_skipped)
-        self._apply_update(grads, self._grad_scale(grad_norm, scale))
+        if self.loss_scaler is not None and overflowed(self.loss_scaler, grad_norm):
+            self.num_skipped += 1
+            return StepResult(grad_norm, True, self._loss_scale(), self.num_skipped)
+        self._apply_update(grads, grad_scale(grad_norm, self.clip_grad, scale))
         self.num_updates += 1
         return StepResult(grad_norm, False, self._loss_scale(), self.num_skipped)
 
@@ -131,20 +124,11 @@ class FSDP2Optimizer:
 
     def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """L2 norm of the (still loss-scaled) gradients, every element counted once across all ranks."""
-        squares = [l2_norm(g).square() / r
-                   for g, r in zip(grads, self._replicas) if g.numel()]
+        squares = [l2_norm(g).square() / r for g, r in zip(grads, self._replicas) if g.numel()]
         total = torch.stack(squares).sum() if squares else self._zero_norm.clone()
         if self._norm_group is not None:
             dist.all_reduce(total, group=self._norm_group)
         return total.sqrt()
-
-    def _grad_scale(self, grad_norm: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """What the kernel divides gradients by: loss scale x clipping (Megatron's coefficient)."""
-        if self.clip_grad > 0:
-            return torch.clamp((grad_norm + 1.0e-6) / self.clip_grad, min=1.0) * scale
-        if scale == 1.0:
-            return None
-        return torch.full((), scale, dtype=torch.float32, device=grad_norm.device)
 
     @torch.no_grad()
     def _apply_update(self, grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> None:
