@@ -142,3 +142,13 @@ def test_native_optimizer_state_does_not_load_into_fsdp2_but_its_weights_do(nati
     assert sorted(weights) == list(range(6, 11))  # continued from iteration 5 with the planned lr
     assert [weights[i]["lr"] for i in range(6, 11)] == [native[1][i]["lr"] for i in range(6, 11)]
     assert weights[6]["loss"] == pytest.approx(native[1][6]["loss"], rel=1e-5)  # the weights came across
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_fsdp2_in_bf16_compiled_on_one_gpu_matches_the_native_engine(tmp_path: Path) -> None:
+    # NCCL, bf16 compute over fp32 FSDP2 parameters, inductor: against the native engine's bf16 run.
+    gpu = ["optimizer.bf16=true", "dist.device=cuda", "checkpoint.save_interval=null"]
+    native = _trained(tmp_path / "native", *gpu)
+    fsdp2 = _trained(tmp_path / "fsdp2", *gpu, *FSDP2, "compile.enable=true")
+    _assert_matches(fsdp2, native, ITERATIONS, rel=3e-2)
