@@ -127,9 +127,17 @@ def test_every_layout_and_precision_matches_one_process_and_the_planner_on_four_
 
 
 def _weights_copy_into_any_shard_and_fp16_skips(rank: int, world: int) -> None:
-    from anneal.parallelize import copy_full_
+    from anneal.parallelize import build_sharded, copy_full_
 
     dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, tp=2), "cpu")
+    torch.manual_seed(0)  # built block by block, never whole: the same weights as one process
+    sharded = build_sharded(MODEL, dims, device=torch.device("cpu"), param_dtype=torch.float32,
+                            reshard_after_forward=True)
+    torch.manual_seed(0)
+    whole = dict(build_model(MODEL).named_parameters())
+    assert [n for n, _ in sharded.named_parameters()] == list(whole)
+    for name, param in sharded.named_parameters():
+        assert type(param).__name__ == "DTensor" and torch.equal(_full(param.detach()), whole[name].detach()), name
     model, optimizer = _build(dims, "fp32")
     full = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
             for i, (n, p) in enumerate(model.named_parameters())}
@@ -150,7 +158,7 @@ def _weights_copy_into_any_shard_and_fp16_skips(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-def test_weights_enter_tensor_parallel_fsdp2_shards_and_fp16_overflow_skips_the_step() -> None:
+def test_sharded_build_weights_copies_and_fp16_overflow_under_tensor_parallel_fsdp2() -> None:
     from optim.optim_helpers import run_distributed
 
     run_distributed(_weights_copy_into_any_shard_and_fp16_skips, 2)

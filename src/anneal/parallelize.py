@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anneal.config.model import ModelConfig
+from anneal.model.qwen3 import Qwen3Model
 from anneal.parallel import ParallelDims
 
 COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -36,35 +38,71 @@ TP_PARTIAL = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # gradients
 def parallelize(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype, reshard_after_forward: bool,
                 compile_backend: str | None = None) -> nn.Module:
     """Shard ``model`` (built whole, the same on every rank) in place per ``dims``; returns it."""
-    if dims.tp_size > 1:
-        apply_tensor_parallel(model, dims)
-    if compile_backend is not None:
-        for layer in model.layers:
-            layer.compile(backend=compile_backend)
+    for layer in model.layers:
+        _parallelize_block(layer, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
+                           compile_backend=compile_backend)
     if dims.fsdp:
-        apply_fsdp(model, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+        _shard_root(model, dims, param_dtype)
     return model
 
 
-def apply_tensor_parallel(model: nn.Module, dims: ParallelDims) -> None:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def build_sharded(cfg: ModelConfig, dims: ParallelDims, *, device: torch.device, param_dtype: torch.dtype,
+                  reshard_after_forward: bool, compile_backend: str | None = None) -> nn.Module:
+    """The model on PyTorch's engine, never whole on a rank: one block at a time is materialised,
+    initialised and sharded (peak: the root's parameters and one block, fp32).
 
-    plan = {name: ColwiseParallel() for name in COLWISE} | {name: RowwiseParallel() for name in ROWWISE}
-    for layer in model.layers:
+    The parts are initialised in ``named_parameters`` order, so the weights equal ``build_model``'s
+    under the same seed: a sharded run starts where a single process does.
+    """
+    cfg.validate()
+    with torch.device("meta"):
+        model = Qwen3Model(cfg)
+    _materialise(model, model.embedding, "embedding.", device)
+    for i, layer in enumerate(model.layers):
+        _materialise(model, layer, f"layers.{i}.", device)
+        _parallelize_block(layer, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
+                           compile_backend=compile_backend)
+    for name in ("final_norm", "output_layer"):
+        if getattr(model, name) is not None:
+            _materialise(model, getattr(model, name), f"{name}.", device)
+    _shard_root(model, dims, param_dtype)
+    return model
+
+
+def _materialise(model: nn.Module, part: nn.Module, prefix: str, device: torch.device) -> None:
+    part.to_empty(device=device)
+    model.init_weights(prefix)
+
+
+def _parallelize_block(layer: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype,
+                       reshard_after_forward: bool, compile_backend: str | None) -> None:
+    """Tensor parallel, compile, then FSDP2, on one transformer block (torchtitan's order)."""
+    if dims.tp_size > 1:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {name: ColwiseParallel() for name in COLWISE} | {name: RowwiseParallel() for name in ROWWISE}
         parallelize_module(layer, dims.tp_mesh, plan)
+    if compile_backend is not None:
+        layer.compile(backend=compile_backend)
+    if dims.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(layer, mesh=dims.fsdp_mesh, mp_policy=_policy(param_dtype),
+                    reshard_after_forward=reshard_after_forward)
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype,
-               reshard_after_forward: bool) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _shard_root(model: nn.Module, dims: ParallelDims, param_dtype: torch.dtype) -> None:
+    from torch.distributed.fsdp import fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    mesh = dims.fsdp_mesh
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root (embedding, final norm, output layer) is gathered for the whole step: its parameters are
     # used first and last, so resharding them after forward would only gather them twice.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=_policy(param_dtype), reshard_after_forward=False)
+
+
+def _policy(param_dtype: torch.dtype):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
 def tp_partial_parameters(model: nn.Module, dims: ParallelDims) -> list[nn.Parameter]:

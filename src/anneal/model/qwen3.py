@@ -171,11 +171,18 @@ class Qwen3Model(nn.Module):
         return x
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Megatron's init: N(0, std) weights, residual outputs N(0, std / sqrt(2 L)), norms 1."""
+    def init_weights(self, prefix: str = "") -> None:
+        """Megatron's init: N(0, std) weights, residual outputs N(0, std / sqrt(2 L)), norms 1.
+
+        ``prefix`` initialises only the parameters whose names start with it, drawing from the RNG as
+        the whole model would at that point: initialising the parts in ``named_parameters`` order gives
+        the same weights as one call (``anneal.parallelize.build_sharded`` relies on it).
+        """
         std = self.cfg.init_method_std
         scaled_std = std / math.sqrt(2.0 * self.cfg.num_layers)
         for name, param in self.named_parameters():
+            if not name.startswith(prefix):
+                continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(param)
             elif name.endswith(_SCALED_INIT_SUFFIXES):

@@ -24,7 +24,7 @@ from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
 from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
-from anneal.parallelize import parallelize
+from anneal.parallelize import build_sharded, parallelize
 from anneal.resume import plan_resume, write_lineage
 from anneal.errors import RunError
 from anneal.training.distributed import DistContext, behind_ranks, init_distributed, shutdown
@@ -76,10 +76,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
 def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, data: tuple, stage: Stage) -> int:
     stage.now = "building the model and optimizer"
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, device=ctx.device)
-    parallelize(model, ctx.parallel, param_dtype=model_dtype(cfg.optimizer),
-                reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
-                compile_backend=cfg.compile.backend if cfg.compile.enable else None)
+    model = _build_model(cfg, ctx)
     plan = plan_resume(cfg, derived)  # resume, anneal branch or extension, decided from the checkpoint's state
     derived = plan.derived  # the schedule in force after that decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
@@ -120,6 +117,18 @@ def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, d
     metrics.info(_final_line(trainer, stop, checkpointer, metrics))
     metrics.close()
     return stop.exit_code
+
+
+def _build_model(cfg: ConfigContainer, ctx: DistContext) -> torch.nn.Module:
+    """The model, sharded per the layout on PyTorch's engine (one block at a time), compiled if asked."""
+    compile_backend = cfg.compile.backend if cfg.compile.enable else None
+    if ctx.parallel.fsdp:
+        return build_sharded(cfg.model, ctx.parallel, device=ctx.device, param_dtype=model_dtype(cfg.optimizer),
+                             reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
+                             compile_backend=compile_backend)
+    model = build_model(cfg.model, device=ctx.device)
+    return parallelize(model, ctx.parallel, param_dtype=torch.float32, reshard_after_forward=False,
+                       compile_backend=compile_backend)  # compile only: the native engine shards nothing
 
 
 def _plot(scheduler, derived: Derived, out: Path, trainer: Trainer, metrics: MetricsLogger) -> None:
