@@ -19,6 +19,7 @@ class _WeightsOnly:
     """The optimizer and scheduler parts a model-only checkpoint needs (no state, no masters)."""
 
     param_groups: list = []
+    backend = "none"  # recorded in the checkpoint's metadata
 
     def state_dict(self) -> dict:
         return {}
@@ -27,7 +28,8 @@ class _WeightsOnly:
         return None
 
 
-def hf_figures(repeats: int) -> dict[str, Stat]:
+def hf_figures(repeats: int, model_config=None) -> dict[str, Stat]:
+    """Export and import against safetensors' own save and load (Qwen3-0.6B's shape unless given)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -40,7 +42,7 @@ def hf_figures(repeats: int) -> dict[str, Stat]:
     from anneal.training.distributed import DistContext
     from anneal.training.trainer import TrainState
 
-    cfg = _qwen3_0p6b()
+    cfg = model_config or _qwen3_0p6b()
     model = build_model(cfg, dtype=torch.bfloat16)
     tensors = {to_hf_name(name): p.detach() for name, p in model.named_parameters()}
     stub = _WeightsOnly()

@@ -54,7 +54,7 @@ def _time_to_first_iteration() -> float:
                                  f"hydra.run.dir={tmp}", *QUIET], stdout=subprocess.PIPE, text=True,
                                 env=_env(), cwd=tmp)
         for line in proc.stdout:
-            if line.startswith("[1/"):
+            if "] [1/" in line:  # "[timestamp] [1/N ...": the first iteration's line
                 elapsed = time.perf_counter() - start
                 break
         else:

@@ -23,6 +23,13 @@ THRESHOLDS = {
     "optimizer_vs_adamw_fused": ("<=", 1.3),
     "optimizer_traffic_of_inplace_bandwidth": (">=", 0.6),
     "dist_state_2_ranks_vs_1": ("<=", 0.55),
+    "engine_state_native_zero1_2_vs_1": ("<=", 0.8),  # 0.75 in fp32: weights and grads stay whole
+    "engine_state_fsdp2_2_vs_1": ("<=", 0.55),
+    "engine_state_hsdp_2x2_vs_1": ("<=", 0.55),
+    "engine_state_tp2_fsdp2_2_vs_1": ("<=", 0.4),  # the embedding is replicated over tp
+    "engine_state_planner_error_bytes": ("<=", 0),  # the planner's per-rank bytes are the tensors'
+    "engine_step_fsdp2_vs_zero1": ("<=", 3.0),  # 1.1–1.8 measured at 42M params; 2.9 at a latency-bound 76k
+    "loss_peak_chunked_vs_plain": ("<=", 0.5),
     "checkpoint_save_vs_torch_save": ("<=", 8.0),
     "checkpoint_load_vs_torch_load": ("<=", 8.0),
     "hf_export_vs_save_file": ("<=", 10.0),
@@ -42,6 +49,21 @@ README_ROWS = [
     ("… ÷ `AdamW(fused=True)`", "optimizer_vs_adamw_fused"),
     ("… traffic ÷ in-place `mul_` bandwidth", "optimizer_traffic_of_inplace_bandwidth"),
     ("distributed optimizer state per rank, 2 ranks ÷ 1", "dist_state_2_ranks_vs_1"),
+    ("model state per rank ÷ 1 process (fp32, 42M params): native replicated, 2 ranks",
+     "engine_state_native_replicated_2_vs_1"),
+    ("… native ZeRO-1, 2 ranks", "engine_state_native_zero1_2_vs_1"),
+    ("… FSDP2, 2 ranks", "engine_state_fsdp2_2_vs_1"),
+    ("… tensor parallel 2", "engine_state_tp2_vs_1"),
+    ("… HSDP 2×2", "engine_state_hsdp_2x2_vs_1"),
+    ("… TP 2 × FSDP2 2", "engine_state_tp2_fsdp2_2_vs_1"),
+    ("… planner's bytes − measured, largest over layouts and ranks", "engine_state_planner_error_bytes"),
+    ("training step, 42M params, FSDP2, 2 ranks × 1 thread (ms)", "engine_step_fsdp2_2_ranks_ms"),
+    ("… native ZeRO-1, 2 ranks × 1 thread (ms)", "engine_step_zero1_2_ranks_ms"),
+    ("… FSDP2 ÷ native ZeRO-1", "engine_step_fsdp2_vs_zero1"),
+    ("… one native process, 1 thread (ms)", "engine_step_1_process_ms"),
+    ("loss peak memory, 8192 tokens × vocab 32000, plain (MiB)", "loss_peak_plain_mib"),
+    ("… chunked, 1024 tokens a chunk (MiB)", "loss_peak_chunked_mib"),
+    ("… chunked ÷ plain", "loss_peak_chunked_vs_plain"),
     ("checkpoint save ÷ `torch.save`", "checkpoint_save_vs_torch_save"),
     ("checkpoint save ÷ `torch.save` + fsync (same durability)", "checkpoint_save_vs_torch_save_fsync"),
     ("checkpoint load ÷ `torch.load`", "checkpoint_load_vs_torch_load"),
@@ -55,13 +77,17 @@ README_ROWS = [
 
 
 def run_all(repeats: int) -> dict[str, Stat]:
-    from anneal.bench import components, gpu, hf, launcher, optimizer
+    from anneal.bench import components, engine, gpu, hf, launcher, optimizer
 
     sections = [("scheduler", lambda: components.scheduler_figures(repeats)),
                 ("checkpoint", lambda: components.checkpoint_figures(repeats)),
                 ("Hugging Face export/import", lambda: hf.hf_figures(repeats)),
                 ("optimizer", lambda: optimizer.step_figures(repeats)),
                 ("distributed optimizer state", optimizer.state_figures),
+                ("model state per rank, every layout", engine.state_figures),
+                ("FSDP2 and ZeRO-1 training steps", lambda: engine.step_figures(repeats)),
+                # Peak memory repeats to within a few MiB: two runs show it.
+                ("chunked loss peak memory", lambda: engine.loss_figures(min(repeats, 2))),
                 ("start-up", lambda: launcher.startup(repeats)),
                 ("launcher overhead", lambda: launcher.overhead(repeats)),
                 ("GPU (skipped without CUDA)", gpu.gpu_figures)]
