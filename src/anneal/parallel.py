@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # torch.distributed is imported only where a mesh is built
 
 DIM_NAMES = ("dp",)  # the native engine's mesh
 TORCH_DIM_NAMES = ("dp_replicate", "dp_shard", "tp")  # PyTorch's engine, outermost first
+# Tensor parallel's plan for a Qwen3 block (anneal.parallelize applies it, anneal.planner sizes it):
+COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+TP_PARTIAL = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # per-head norms: gradients summed over tp
 
 
 @dataclass(frozen=True)

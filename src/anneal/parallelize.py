@@ -28,11 +28,8 @@ from torch import nn
 
 from anneal.config.model import ModelConfig
 from anneal.model.qwen3 import Qwen3Model
-from anneal.parallel import ParallelDims
+from anneal.parallel import COLWISE, ROWWISE, TP_PARTIAL, ParallelDims
 
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
-TP_PARTIAL = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")  # gradients summed over tp
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype, reshard_after_forward: bool,

@@ -46,8 +46,7 @@ from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
 from anneal.errors import ConfigError
 from anneal.model.flops import flops_per_token, num_parameters
-from anneal.parallel import ParallelDims
-from anneal.parallelize import COLWISE, ROWWISE  # tensor parallel's column-wise and row-wise blocks
+from anneal.parallel import COLWISE, ROWWISE, ParallelDims
 
 MEMINFO = "/proc/meminfo"
 
