@@ -95,8 +95,13 @@ def test_tensor_parallel_on_two_ranks_matches_one_process(one_process, tensor_pa
     _assert_matches(tensor_parallel[1], one_process, ITERATIONS)
 
 
-@pytest.mark.parametrize("layout", [["dist.data_parallel_replicate_degree=2"], ["model.tensor_model_parallel_size=2"]],
-                         ids=["hsdp-2x2", "tp2-x-fsdp2"])
+# Each also composes the memory settings: recompute and the chunked loss leave the numbers unchanged.
+@pytest.mark.parametrize("layout", [
+    ["dist.data_parallel_replicate_degree=2", "model.recompute_granularity=full", "model.recompute_method=uniform",
+     "model.recompute_num_layers=1", "model.cross_entropy_chunk_size=64"],
+    ["model.tensor_model_parallel_size=2", "model.recompute_granularity=selective",
+     "dist.fsdp_reshard_after_forward=false"],
+], ids=["hsdp-2x2", "tp2-x-fsdp2"])
 def test_four_rank_layouts_match_one_process(one_process, layout, tmp_path: Path) -> None:
     records = _trained(tmp_path / "run", *FSDP2, *layout, "checkpoint.save_interval=null", nproc=4)
     _assert_matches(records, one_process, ITERATIONS)
