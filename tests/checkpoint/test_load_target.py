@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,32 @@ def test_load_equal_to_save_on_a_first_run_starts_fresh(tmp_path: Path) -> None:
     assert (ck / files.TRACKER).read_text().strip() == "4"
 
 
-@pytest.mark.parametrize("target", ["empty", "missing"])
-def test_explicit_load_with_nothing_to_load_fails_before_anything_is_built(tmp_path: Path, target: str) -> None:  # noqa: E501
-    load, ck = tmp_path / target, tmp_path / "ck"
-    if target == "empty":
-        load.mkdir()
-    result = run(tmp_path, "train.train_iters=4", f"checkpoint.load={load}", f"checkpoint.save={ck}")
+TARGETS = ("empty", "missing")
+
+
+@pytest.fixture(scope="module")
+def nothing_to_load(tmp_path_factory) -> dict[str, tuple[Path, Path, subprocess.CompletedProcess]]:
+    """Per target (an empty directory, a missing one): checkpoint.load, checkpoint.save and the run.
+
+    Both runs at once (one core each)."""
+    root = tmp_path_factory.mktemp("nothing_to_load")
+
+    def attempt(target: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+        tmp = root / target
+        load, ck = tmp / target, tmp / "ck"
+        tmp.mkdir()
+        if target == "empty":
+            load.mkdir()
+        return load, ck, run(tmp, "train.train_iters=4", f"checkpoint.load={load}", f"checkpoint.save={ck}")
+
+    with ThreadPoolExecutor(max_workers=len(TARGETS)) as pool:
+        return dict(zip(TARGETS, pool.map(attempt, TARGETS)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_explicit_load_with_nothing_to_load_fails_before_anything_is_built(nothing_to_load,
+                                                                          target: str) -> None:
+    load, ck, result = nothing_to_load[target]
     assert result.returncode == 2
     reason = f"has no {files.TRACKER}: no checkpoint to load" if target == "empty" else "does not exist"
     assert error_line(result).startswith(f"anneal: error: checkpoint.load ({load}) {reason}")

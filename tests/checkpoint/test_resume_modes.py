@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,11 @@ def test_use_checkpoint_takes_the_saved_schedule(ck: Path, tmp_path: Path) -> No
 
 def test_finetune_loads_weights_only(ck: Path, tmp_path: Path) -> None:
     (tmp_path / "fresh").mkdir()
-    fresh = _run(tmp_path / "fresh", "train.train_iters=4")
-    assert fresh.returncode == 0
-    result = _run(tmp_path, "train.train_iters=4", f"checkpoint.load={ck}", "checkpoint.finetune=true")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the untrained reference and the finetune, at once
+        fresh = pool.submit(_run, tmp_path / "fresh", "train.train_iters=4")
+        result = pool.submit(_run, tmp_path, "train.train_iters=4", f"checkpoint.load={ck}",
+                             "checkpoint.finetune=true").result()
+    assert fresh.result().returncode == 0
     assert result.returncode == 0, result.stderr[-2000:]
     records = _records(tmp_path)
     assert sorted(records) == [1, 2, 3, 4]  # iteration and scheduler start from zero

@@ -3,6 +3,7 @@
 One parent run (WSD, 20 iterations, anneal over the last 4, cosine weight-decay increment) saves every
 5 iterations; the branches start from its checkpoints and must equal one Megatron run built with the
 branch's arguments, leave the parent's files untouched, resume exactly after SIGKILL, branch again.
+The runs from the parent's checkpoints share nothing, so they run three at a time (``from_parent``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,14 +76,52 @@ def parent(tmp_path_factory) -> dict:
     return {"root": root, "save": root / "parent", "hashes": _hashes(root / "parent")}
 
 
+ANNEAL_6 = ["scheduler.anneal_branch_iters=6", "scheduler.lr_wsd_decay_style=linear"]
+
+
 @pytest.fixture(scope="module")
-def branch(parent) -> dict:
-    root = parent["root"]
-    result = _ok(_pretrain(root / "b10_run", f"checkpoint.load={parent['save'] / 'iter_0000010'}",
-                           f"checkpoint.save={root / 'b10'}", "checkpoint.save_interval=2",
-                           "scheduler.anneal_branch_iters=6", "scheduler.lr_wsd_decay_style=linear"))
-    return {"save": root / "b10", "records": metrics_by_iteration(root / "b10_run"), "stdout": result.stdout,
-            "run": root / "b10_run"}
+def from_parent(parent) -> dict[str, tuple[Path, list[subprocess.CompletedProcess]]]:
+    """The runs that start from the parent's checkpoints, three at a time (one core each): they share nothing.
+
+    Each in its own directory ``root/<name>`` (``run/``, ``ck/``), with its results in order.
+    """
+    at_10 = f"checkpoint.load={parent['save'] / 'iter_0000010'}"
+
+    def killed_and_resumed(d: Path) -> list[subprocess.CompletedProcess]:
+        cmd = [at_10, f"checkpoint.save={d / 'b10'}", "checkpoint.save_interval=2", *ANNEAL_6]
+        killed = _pretrain(d / "run", *cmd, fault="kill_at_iteration:14")
+        return [killed, _pretrain(d / "run", *cmd)]  # the same command: the branch resumes from its own
+
+    runs = {
+        "branch": lambda d: [_pretrain(d / "run", at_10, f"checkpoint.save={d / 'b10'}",
+                                       "checkpoint.save_interval=2", *ANNEAL_6)],
+        "killed": killed_and_resumed,
+        "extend": lambda d: [_pretrain(d / "run", at_10, f"checkpoint.save={d / 'ck'}",
+                                       "train.train_iters=24", "train.exit_interval=11")],
+        "refused": lambda d: [_pretrain(d / "run", f"checkpoint.load={parent['save']}",
+                                        f"checkpoint.save={d / 'ck'}", "train.train_iters=30")],
+        "dry_run": lambda d: [_pretrain(d / "run", "dry_run=true", at_10, f"checkpoint.save={d / 'ck'}",
+                                        "scheduler.anneal_branch_iters=6", cwd=d)],
+        "plot": lambda d: [_pretrain(d / "run", at_10, f"checkpoint.save={d / 'ck'}", "optimizer.lr=1e-3",
+                                     "scheduler.use_checkpoint_opt_param_scheduler=true",
+                                     "logger.plot_schedule=true")],
+    }
+
+    def launch(name: str) -> tuple[Path, list[subprocess.CompletedProcess]]:
+        d = parent["root"] / name
+        d.mkdir()
+        return d, runs[name](d)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(runs, pool.map(launch, runs)))
+
+
+@pytest.fixture(scope="module")
+def branch(from_parent) -> dict:
+    d, (result,) = from_parent["branch"]
+    _ok(result)
+    return {"save": d / "b10", "records": metrics_by_iteration(d / "run"), "stdout": result.stdout,
+            "run": d / "run"}
 
 
 def test_branch_equals_one_megatron_run_and_records_its_lineage(parent, branch) -> None:
@@ -124,23 +164,20 @@ def test_branch_of_a_branch_continues_from_the_lr_in_force(parent, branch) -> No
     assert branch["save"].joinpath("latest_checkpointed_iteration.txt").read_text().strip() == "16"
 
 
-def test_sigkill_and_resume_of_a_branch_is_bit_identical(parent, branch, tmp_path: Path) -> None:
-    cmd = [f"checkpoint.load={parent['save'] / 'iter_0000010'}", f"checkpoint.save={tmp_path / 'b10'}",
-           "checkpoint.save_interval=2", "scheduler.anneal_branch_iters=6", "scheduler.lr_wsd_decay_style=linear"]
-    killed = _pretrain(tmp_path / "run", *cmd, fault="kill_at_iteration:14")
+def test_sigkill_and_resume_of_a_branch_is_bit_identical(from_parent, branch) -> None:
+    d, (killed, resumed) = from_parent["killed"]
     assert killed.returncode == -9
-    resumed = _ok(_pretrain(tmp_path / "run", *cmd))  # the same command: the branch resumes from its own checkpoint
+    _ok(resumed)
     assert "resuming the anneal branch" in resumed.stdout and "at iteration 12" in resumed.stdout
-    records = metrics_by_iteration(tmp_path / "run")
+    records = metrics_by_iteration(d / "run")
     keys = ("loss", "lr", "weight_decay", "grad_norm")
     assert {it: [r[k] for k in keys] for it, r in records.items()} == \
         {it: [r[k] for k in keys] for it, r in branch["records"].items()}
 
 
-def test_extend_in_the_stable_phase_moves_the_anneal(parent, tmp_path: Path) -> None:
-    result = _ok(_pretrain(tmp_path / "run", f"checkpoint.load={parent['save'] / 'iter_0000010'}",
-                           f"checkpoint.save={tmp_path / 'ck'}", "train.train_iters=24", "train.exit_interval=11"))
-    out = result.stdout
+def test_extend_in_the_stable_phase_moves_the_anneal(from_parent) -> None:
+    d, (result,) = from_parent["extend"]
+    out = _ok(result).stdout
     assert "extending the run in its stable phase (checkpoint at 10 iterations, 80 samples)" in out
     lines = [line.split("] ", 1)[-1] for line in out.splitlines()]  # without the log line's time stamp
     rows = {line.split()[0] + " " + line.split()[1]: line for line in lines
@@ -149,39 +186,37 @@ def test_extend_in_the_stable_phase_moves_the_anneal(parent, tmp_path: Path) -> 
     assert "it 20 / 160 smp" in rows["decay end"] and "it 24 / 192 smp / 6,144 tok" in rows["decay end"]
     assert "weight decay: the checkpoint's cosine ramp continues unchanged (ends at it 20 / 160 smp" in out
     assert "extend wins" in out
-    record = metrics_by_iteration(tmp_path / "run")[11]
+    record = metrics_by_iteration(d / "run")[11]
     assert record["lr"] == LR and record["weight_decay"] == _megatron(PARENT_ARGS, 11)[11][1]
 
 
-def test_extend_in_the_anneal_is_refused_with_the_branch_command(parent, tmp_path: Path) -> None:
-    refused = _pretrain(tmp_path / "run", f"checkpoint.load={parent['save']}", f"checkpoint.save={tmp_path / 'ck'}",
-                        "train.train_iters=30")
+def test_extend_in_the_anneal_is_refused_with_the_branch_command(parent, from_parent) -> None:
+    d, (refused,) = from_parent["refused"]
     assert refused.returncode == 2, refused.stdout[-2000:]
     assert "train.train_iters (30): cannot extend the run" in refused.stderr
     assert "the anneal began after 128 samples and the checkpoint is at 160" in refused.stderr
     assert f"checkpoint.load={parent['save'] / 'iter_0000015'}" in refused.stderr
-    assert "scheduler.anneal_branch_iters=15" in refused.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "scheduler.anneal_branch_iters=15" in refused.stderr and not (d / "run" / "metrics.jsonl").exists()
 
 
-def test_dry_run_previews_the_branch_without_writing_a_checkpoint(parent, tmp_path: Path) -> None:
-    result = _ok(_pretrain(tmp_path / "run", "dry_run=true", f"checkpoint.load={parent['save'] / 'iter_0000010'}",
-                           f"checkpoint.save={tmp_path / 'ck'}", "scheduler.anneal_branch_iters=6", cwd=tmp_path))
+def test_dry_run_previews_the_branch_without_writing_a_checkpoint(from_parent) -> None:
+    d, (result,) = from_parent["dry_run"]
+    _ok(result)
     out = result.stdout[result.stdout.index("# resume"):]
     assert "branch from" in out and "the run ends at iteration 16" in out
     marked = [line for line in out.splitlines() if line.startswith("*")]
     assert {line.split()[1] for line in marked} == {"lr_decay_steps", "wsd_decay_steps"}
     assert all("branch wins" in line for line in marked)
-    assert (tmp_path / "resume_preview.png").stat().st_size > 10_000 and not (tmp_path / "ck").exists()
-    rows = (tmp_path / "resume_preview.csv").read_text().splitlines()
+    assert (d / "resume_preview.png").stat().st_size > 10_000 and not (d / "ck").exists()
+    rows = (d / "resume_preview.csv").read_text().splitlines()
     assert rows[1].split(",")[1] == "11" and len(rows) == 7  # the part to come: iterations 11..16
 
 
-def test_end_of_run_plot_draws_the_schedule_in_force_after_use_checkpoint(parent, tmp_path: Path) -> None:
-    _ok(_pretrain(tmp_path / "run", f"checkpoint.load={parent['save'] / 'iter_0000010'}",
-                  f"checkpoint.save={tmp_path / 'ck'}", "optimizer.lr=1e-3",
-                  "scheduler.use_checkpoint_opt_param_scheduler=true", "logger.plot_schedule=true"))
-    applied = metrics_by_iteration(tmp_path / "run")
-    lines = (tmp_path / "run" / "schedule.csv").read_text().splitlines()[1:]
+def test_end_of_run_plot_draws_the_schedule_in_force_after_use_checkpoint(from_parent) -> None:
+    d, (result,) = from_parent["plot"]
+    _ok(result)
+    applied = metrics_by_iteration(d / "run")
+    lines = (d / "run" / "schedule.csv").read_text().splitlines()[1:]
     planned = {int(row.split(",")[1]): float(row.split(",")[4]) for row in lines}
     assert planned[11] == applied[11]["lr"] == LR  # the checkpoint's peak, not the config's 1e-3
     assert {it: planned[it] for it in applied} == {it: r["lr"] for it, r in applied.items()}

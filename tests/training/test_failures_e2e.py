@@ -7,10 +7,13 @@ checkpoint that was good stays the latest and loads.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,19 +36,18 @@ def _command(run_dir: Path, overrides: list[str], nproc: int) -> list[str]:
             str(free_port()), script, *args]
 
 
-def _env(fault: str | None, shutdown_timeout_s: int = 30) -> dict[str, str]:
+def _env(fault: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "ANNEAL_FAULT"}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout_s)})
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30"})
     if fault:
         env["ANNEAL_FAULT"] = fault
     return env
 
 
 def _pretrain(run_dir: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
-              timeout: float = 240, shutdown_timeout_s: int = 30) -> subprocess.CompletedProcess:
+              timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(_command(run_dir, list(overrides), nproc), capture_output=True, text=True,
-                          env=_env(fault, shutdown_timeout_s), cwd=run_dir.parent, timeout=timeout)
+                          env=_env(fault), cwd=run_dir.parent, timeout=timeout)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -58,21 +60,41 @@ def _latest(run_dir: Path) -> int:
 
 # -- divergence ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_divergence_stops_and_keeps_the_last_finite_checkpoint(tmp_path: Path, precision: str) -> None:
-    run = tmp_path / "run"
-    dtype = [] if precision == "fp32" else [f"optimizer.{precision}=true"]
-    result = _pretrain(run, "optimizer.lr=1e4", "train.train_iters=30", "checkpoint.save_interval=3",
-                       "checkpoint.most_recent_k=2", "logger.log_interval=10", *dtype)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess, int | None,
+                                                  subprocess.CompletedProcess]]:
+    """Per precision: a run at lr 1e4 that diverges, its latest checkpoint's iteration, then a resume from
+    that checkpoint at a sane lr. The three pairs run at once (one core per process): they share nothing."""
+    root = tmp_path_factory.mktemp("diverged")
+
+    def pair(precision: str):
+        run = root / precision / "run"
+        run.parent.mkdir()
+        dtype = [] if precision == "fp32" else [f"optimizer.{precision}=true"]
+        result = _pretrain(run, "optimizer.lr=1e4", "train.train_iters=30", "checkpoint.save_interval=3",
+                           "checkpoint.most_recent_k=2", "logger.log_interval=10", *dtype)
+        latest = _latest(run) if files.latest(run / "ckpt") is not None else None
+        check = _pretrain(run, "optimizer.lr=1e-3", "scheduler.override_opt_param_scheduler=true",
+                          f"train.train_iters={(latest or 0) + 1}", "logger.log_interval=1", *dtype)
+        return run, result, latest, check
+
+    with ThreadPoolExecutor(max_workers=len(PRECISIONS)) as pool:
+        return dict(zip(PRECISIONS, pool.map(pair, PRECISIONS)))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_divergence_stops_and_keeps_the_last_finite_checkpoint(diverged, precision: str) -> None:
+    run, result, latest, check = diverged[precision]
     assert result.returncode == 1, result.stderr[-2000:]
     (line,) = _error_lines(result.stderr)
     assert "training diverged" in line and "not finite" in line, line
-    latest = _latest(run)
+    assert latest is not None, "no checkpoint was kept"
     assert f"checkpoint.load={files.iter_dir(run / 'ckpt', latest)}" in line
     assert "Traceback" not in result.stderr
-    # Everything saved is finite and loads: resume from it at a sane lr.
-    check = _pretrain(run, "optimizer.lr=1e-3", "scheduler.override_opt_param_scheduler=true",
-                      f"train.train_iters={latest + 1}", "logger.log_interval=1", *dtype)
+    # Everything saved is finite and loads: resume from it at a sane lr (train.train_iters=latest + 1).
     assert check.returncode == 0, check.stderr[-2000:]
     assert f"resumed from {files.iter_dir(run / 'ckpt', latest)}" in check.stdout
 
@@ -176,18 +198,55 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_a_save(tmp_path: Path) -> N
 
 # -- errors under torchrun ----------------------------------------------------------------------------
 
+def _kill_the_frozen_rank(line: str) -> None:
+    """SIGKILL the worker torchrun is closing if it is the frozen (SIGSTOPped) rank.
+
+    torchrun (2.13) stops failed workers with a fixed 30 s grace, not --shutdown-timeout: a frozen rank
+    never acts on the SIGTERM, so it would cost 30 s of waiting here before torchrun's own SIGKILL.
+    """
+    match = re.search(r"Sending process (\d+) closing signal SIGTERM", line)
+    if match is None:
+        return
+    pid = int(match.group(1))
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):  # gone already
+        pass
+
+
 def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     run = tmp_path / "run"
+    overrides = ["train.train_iters=40", "dist.timeout_minutes=0.25", "logger.log_interval=2"]
     start = time.monotonic()
-    result = _pretrain(run, "train.train_iters=40", "dist.timeout_minutes=0.25", "logger.log_interval=2",
-                       nproc=2, fault="stop_at_iteration:5:1", timeout=200, shutdown_timeout_s=5)
-    elapsed = time.monotonic() - start
-    assert result.returncode != 0
+    proc = subprocess.Popen(_command(run, overrides, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env("stop_at_iteration:5:1"), cwd=run.parent, start_new_session=True)
+    watchdog = threading.Timer(200, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()))
+    reader.start()
+    stderr, reported = [], None
+    try:
+        for line in proc.stderr:  # until every process of the job has closed it
+            stderr.append(line)
+            if line.startswith("anneal: error:") and reported is None:
+                reported = time.monotonic() - start
+            _kill_the_frozen_rank(line)  # only once rank 0 has exited and torchrun ends the job
+        returncode = proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        reader.join(timeout=60)
+    result = subprocess.CompletedProcess(proc.args, returncode, "".join(stdout), "".join(stderr))
+    assert result.returncode != 0, result.stderr[-3000:]
     (line,) = _error_lines(result.stderr)
     assert "a collective timed out after dist.timeout_minutes (0.25) while training after iteration 4" in line
     assert "rank 1 (last in iteration 4) stalled or died" in line
-    # 15 s of timeout, then torchrun's --shutdown-timeout (5 s here) before it SIGKILLs the frozen rank.
-    assert elapsed < 15 + 5 + 40, elapsed
+    # 15 s of timeout after start-up and 4 iterations; then the job ends: rank 0 exits, torchrun stops rank 1
+    # (at once when the frozen rank is killed above, else after torchrun's 30 s).
+    assert reported is not None and reported < 15 + 40, reported
+    assert time.monotonic() - start < reported + 45
 
 
 def test_a_corrupted_checkpoint_under_torchrun_fails_loudly(tmp_path: Path) -> None:

@@ -8,11 +8,12 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from anneal_testing import ROOT, free_port, metrics_by_iteration, run_cli, wandb_history
+from anneal_testing import ROOT, free_port, metrics_by_iteration, wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +27,32 @@ ONE_FORMAT = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] \S")
 PROGRESS = re.compile(r"\] \[\d/6 +\d+%\] \| samples ")
 
 
+def _pretrain(out: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``scripts/pretrain.py`` with TINY and WATCH (torchrun when ``nproc`` > 1), without W&B credentials."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                                      "--master-port", str(free_port())]
+    cmd = [sys.executable, *launcher, str(ROOT / "scripts" / "pretrain.py"), *TINY, *WATCH, *overrides,
+           f"hydra.run.dir={out}"]
+    dropped = (*NO_WANDB_ENV, "ANNEAL_FULL_ERROR", "HYDRA_FULL_ERROR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("operator")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in NO_WANDB_ENV:
-            patch.delenv(name, raising=False)
-        result = run_cli(*TINY, *WATCH, f"hydra.run.dir={out}", cwd=out, env={"OMP_NUM_THREADS": "1"},
-                         timeout=240)
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The one-process run and a 4-iteration 2-rank run (torchrun), at once: they share nothing."""
+    single, two = tmp_path_factory.mktemp("operator"), tmp_path_factory.mktemp("operator_two_ranks")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        two_ranks = pool.submit(_pretrain, two, "profiling.profile_ranks=[]", "train.train_iters=4",
+                                "train.eval_interval=null", nproc=2)
+        one = _pretrain(single)
+        return {"single": (single, one), "two_ranks": (two, two_ranks.result())}
+
+
+@pytest.fixture(scope="module")
+def single(runs) -> tuple[Path, subprocess.CompletedProcess]:
+    out, result = runs["single"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return out, result
 
@@ -75,17 +94,11 @@ def test_profiler_trace_of_the_window(single) -> None:
     assert any(e.get("name", "").startswith("aten::") for e in events)
 
 
-def test_two_ranks_write_rank_tagged_traces_and_one_log(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), str(ROOT / "scripts" / "pretrain.py"), *TINY, *WATCH,
-           "profiling.profile_ranks=[]", "train.train_iters=4", "train.eval_interval=null",
-           f"hydra.run.dir={tmp_path}"]
-    env = {k: v for k, v in os.environ.items() if k not in NO_WANDB_ENV}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+def test_two_ranks_write_rank_tagged_traces_and_one_log(runs) -> None:
+    out, result = runs["two_ranks"]
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
+    assert sorted(p.name for p in (out / "profile").iterdir()) == [
         "trace_iters3-4_rank0.json", "trace_iters3-4_rank1.json"]
-    logged = (tmp_path / "pretrain.log").read_text()
+    logged = (out / "pretrain.log").read_text()
     assert "2 rank(s)" in logged and len(re.findall(r"\] \[\d/4 +\d+%\] \| samples ", logged)) == 2
-    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1  # rank 0 only
+    assert len(list(out.glob("wandb/offline-run-*"))) == 1  # rank 0 only

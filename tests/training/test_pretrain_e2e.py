@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,31 @@ def _planned_lr(overrides: list[str], iterations: list[int]) -> list[float]:
     return planned(derived.schedule, derived.ramp, iterations)[0]
 
 
+MEMORY = ["model.recompute_granularity=full", "model.recompute_method=uniform",
+          "model.recompute_num_layers=1", "model.cross_entropy_chunk_size=48", "logger.plot_schedule=false"]
+RAMP = [*SMALL, "train.rampup_batch_size=[2,2,16]", "train.eval_interval=null"]
+
+
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("single")
-    result = run_cli(*SMALL, f"hydra.run.dir={out}", cwd=out, timeout=240)
+def one_process_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The one-process runs, all at once (one core each): SMALL, SMALL with recompute and chunked loss,
+    RAMP; each as (run directory, result)."""
+    root = tmp_path_factory.mktemp("single")
+    variants = {"plain": SMALL, "memory": [*SMALL, *MEMORY], "ramp": RAMP}
+
+    def launch(name: str) -> tuple[Path, subprocess.CompletedProcess]:
+        out = root / name
+        out.mkdir()
+        return out, run_cli(*variants[name], f"hydra.run.dir={out}", cwd=out, timeout=240,
+                            env={"OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        return dict(zip(variants, pool.map(launch, variants)))
+
+
+@pytest.fixture(scope="module")
+def single_run(one_process_runs) -> list[dict]:
+    out, result = one_process_runs["plain"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "schedule.png").stat().st_size > 10_000
     assert any((out / "tensorboard").iterdir())
@@ -74,7 +96,7 @@ def test_two_nodes_on_loopback_complete(tmp_path: Path) -> None:
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "anneal-two-nodes",
               str(ROOT / "scripts" / "pretrain.py"), *SMALL, "train.train_iters=4", "train.eval_interval=null",
-              "scheduler.lr_warmup_iters=1", f"hydra.run.dir={tmp_path}"]
+              "scheduler.lr_warmup_iters=1", "logger.plot_schedule=false", f"hydra.run.dir={tmp_path}"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", *common]
     nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -85,22 +107,20 @@ def test_two_nodes_on_loopback_complete(tmp_path: Path) -> None:
     assert [r["iteration"] for r in _records(tmp_path)] == [1, 2, 3, 4]
 
 
-def test_rampup_changes_the_batch_and_keeps_the_schedule_exact(tmp_path: Path) -> None:
-    ramp = [*SMALL, "train.rampup_batch_size=[2,2,16]", "train.eval_interval=null"]
-    result = run_cli(*ramp, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=240)
+def test_rampup_changes_the_batch_and_keeps_the_schedule_exact(one_process_runs) -> None:
+    out, result = one_process_runs["ramp"]
     assert result.returncode == 0, result.stderr[-3000:]
-    records = _records(tmp_path)
+    records = _records(out)
     samples = [r["consumed_samples"] for r in records]
     batches = [b - a for a, b in zip([0, *samples], samples)]
     assert batches[0] == 2 and batches[-1] == 8 and batches == sorted(batches)  # the batch grows to 8
     assert [r["scheduler_num_steps"] for r in records] == samples  # steps are exactly the samples consumed
-    assert [r["lr"] for r in records] == _planned_lr(ramp, [r["iteration"] for r in records])
+    assert [r["lr"] for r in records] == _planned_lr(RAMP, [r["iteration"] for r in records])
 
 
-def test_recompute_and_chunked_loss_train_like_the_plain_run(single_run: list[dict], tmp_path: Path) -> None:
-    memory = ["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1",
-              "model.cross_entropy_chunk_size=48", "logger.plot_schedule=false"]
-    result = run_cli(*SMALL, *memory, f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=240)
+def test_recompute_and_chunked_loss_train_like_the_plain_run(single_run: list[dict],
+                                                             one_process_runs) -> None:
+    out, result = one_process_runs["memory"]
     assert result.returncode == 0, result.stderr[-3000:]
-    for one, other in zip(single_run, _records(tmp_path), strict=True):
+    for one, other in zip(single_run, _records(out), strict=True):
         assert other["loss"] == pytest.approx(one["loss"], rel=1e-5)  # only the summation order differs
