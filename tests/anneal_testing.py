@@ -12,6 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# A fast Qwen3 shape whose head dim (24) differs from hidden_size // heads (16), as in Qwen3-0.6B, with GQA.
+SMALL_QWEN3 = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
+               "num_query_groups": 2, "kv_channels": 24}
+
 
 def run_cli(*args: str, script: str = "pretrain.py", env: dict | None = None, cwd: Path | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:

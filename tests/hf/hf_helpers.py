@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed.checkpoint as dcp
 import transformers
+from anneal_testing import SMALL_QWEN3
 from omegaconf import OmegaConf
 
 from anneal.checkpoint.checkpointer import Checkpointer
@@ -25,17 +26,7 @@ from anneal.training.distributed import DistContext
 from anneal.training.trainer import TrainState
 
 # A head dim (24) unlike hidden // heads (16), GQA, a RoPE base no library defaults to, vocab >= 257.
-SHAPE = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "ffn_hidden_size": 96,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "kv_channels": 24,
-    "vocab_size": 320,
-    "seq_length": 32,
-    "rotary_base": 123456.0,
-}
+SHAPE = {**SMALL_QWEN3, "vocab_size": 320, "seq_length": 32, "rotary_base": 123456.0}
 SCHEDULE = Schedule(
     init_lr=0.0,
     max_lr=1e-3,

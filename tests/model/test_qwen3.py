@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from anneal_testing import SMALL_QWEN3
 from omegaconf import OmegaConf
 
 from anneal.config.model import ModelConfig
@@ -34,16 +35,7 @@ PUBLISHED_PARAMETERS = {
 
 def small_config(**overrides: object) -> ModelConfig:
     """A fast config whose head dim (24) differs from hidden_size // heads (16), as in Qwen3-0.6B."""
-    fields: dict[str, object] = {
-        "num_layers": 2,
-        "hidden_size": 64,
-        "ffn_hidden_size": 96,
-        "num_attention_heads": 4,
-        "num_query_groups": 2,
-        "kv_channels": 24,
-        "vocab_size": 101,
-        "seq_length": 16,
-    }
+    fields: dict[str, object] = {**SMALL_QWEN3, "vocab_size": 101, "seq_length": 16}
     fields.update(overrides)
     return ModelConfig(**fields)
 
