@@ -22,12 +22,18 @@ _DIR_FLAGS = ("--config-path", "-cp", "--config-dir", "-cd")
 @dataclass
 class Args:
     overrides: list[str] = field(default_factory=list)  # config overrides, hydra.* excluded
+    hydra_overrides: list[str] = field(default_factory=list)  # hydra.* and hydra/ group overrides
     config_name: str = "config"
     config_path: str | None = None
     config_dir: str | None = None
     hydra_only: bool = False  # a flag such as --cfg job: Hydra prints, anneal runs nothing
     multirun: bool = False  # -m: Hydra sweeps, each job validated and run by anneal
     help: bool = False  # --help: anneal's help (groups and every field, with its comment)
+
+    @property
+    def composed(self) -> list[str]:
+        """Every override that shapes the composed config, ``hydra.*`` included (checked, then dropped)."""
+        return [*self.overrides, *self.hydra_overrides]
 
     @property
     def search_dir(self) -> str | None:
@@ -54,8 +60,8 @@ def parse(argv: list[str]) -> Args:
             takes_value = name in _HYDRA_VALUE or (name in ("--info", "-i") and i + 1 < len(argv)
                                                    and argv[i + 1] in _INFO_VALUES)
             i += 1 if takes_value and not eq else 0
-        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
-            args.overrides.append(arg)
+        elif not arg.startswith("-"):
+            (args.hydra_overrides if arg.lstrip("+~").startswith("hydra") else args.overrides).append(arg)
         i += 1
     return args
 

@@ -101,15 +101,16 @@ def _remove_empty_parents(path: Path) -> None:
 def check_sweep(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> None:
     """Compose every job of the sweep first, as Hydra does, but with anneal's one-line errors.
 
-    A key or group option that does not exist is a ConfigError naming the job before any job starts;
+    A key or group option that does not exist, or a ``_target_`` anneal refuses, is a ConfigError naming
+    the job before any job starts;
     values are validated by each job when it starts, so a bad value fails only its own job.
     """
-    from anneal.config.compose import compose
+    from anneal.config.compose import checked, compose
 
     jobs, swept_keys = _expand(overrides)
     for number, job in enumerate(jobs):
         try:
-            compose(job, config_name, config_dir)
+            checked(compose(job, config_name, config_dir))
         except ConfigError as error:
             swept = " ".join(o for o in job if o.split("=", 1)[0] in swept_keys)
             raise ConfigError(f"{error} (sweep job #{number}: {swept})") from error

@@ -52,7 +52,7 @@ def _check(args: cli_args.Args):
     from anneal.config.compose import load
     from anneal.config.provenance import UserSet
 
-    cfg = load(args.overrides, args.config_name, args.search_dir)
+    cfg = load(args.composed, args.config_name, args.search_dir)
     return cfg, None if args.hydra_only else cfg.validate(UserSet.from_overrides(args.overrides))
 
 
@@ -61,7 +61,7 @@ def _sweep(argv: list[str], args: cli_args.Args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("-m/--multirun (a Hydra sweep) cannot run under torchrun: every rank would sweep "
                           "on its own; launch one torchrun per job (or use hydra/launcher=submitit_slurm)")
-    jobs.check_sweep(args.overrides, args.config_name, args.search_dir)
+    jobs.check_sweep(args.composed, args.config_name, args.search_dir)
     sys.argv = [sys.argv[0], *argv]
     _hydra_main(args)
     code = jobs.sweep_exit_code()

@@ -6,6 +6,7 @@ Errors from Hydra and OmegaConf (a misspelled key, a missing group option) are t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import typing
@@ -14,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from anneal.config.container import ConfigContainer
+from anneal.config.trust import check_hydra, check_targets
 from anneal.errors import ConfigError, closest
 
 CONF_MODULE = "anneal.conf"
@@ -21,7 +23,11 @@ _HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
 
 
 def compose(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
-    """Compose ``config_name`` (shipped ``conf/``, or ``config_dir``) with command-line overrides."""
+    """Compose ``config_name`` (shipped ``conf/``, or ``config_dir``) with command-line overrides.
+
+    ``hydra.*`` overrides shape the ``hydra`` node, which is checked (``anneal.config.trust``) and then
+    dropped: what Hydra itself would instantiate for the run is refused here, before it hands over.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
 
@@ -29,16 +35,27 @@ def compose(overrides: list[str], config_name: str = "config", config_dir: str |
             else initialize_config_module(CONF_MODULE, version_base=None))
     with init:
         try:
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         except Exception as error:  # Hydra raises several unrelated types; all are user input here
             failure = error
+        else:
+            return _without_hydra(cfg)
     raise _explain(failure, overrides, config_name, config_dir) from failure  # outside: it composes again
+
+
+def _without_hydra(cfg: DictConfig) -> DictConfig:
+    """``cfg`` less its ``hydra`` node, once that node is checked."""
+    check_hydra(cfg.hydra)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def instantiate(cfg: DictConfig) -> ConfigContainer:
     """Check every key against its dataclass, then build the dataclasses with Hydra."""
     from hydra.utils import instantiate as hydra_instantiate
 
+    cfg = checked(cfg)
     _add_list_targets(cfg)
     _check_keys(cfg, "")
     try:
@@ -49,6 +66,18 @@ def instantiate(cfg: DictConfig) -> ConfigContainer:
         raise ConfigError(f"the root config must have _target_: anneal.config.container.ConfigContainer, "
                           f"got {type(container).__name__}")
     return container
+
+
+def checked(cfg: DictConfig) -> DictConfig:
+    """A copy with every interpolation resolved and every ``_target_`` checked against its field's class,
+    before any module a target names is imported or any constructor runs (``anneal.config.trust``)."""
+    cfg = copy.deepcopy(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as error:  # an interpolation that names nothing, or a resolver that fails
+        raise ConfigError(f"cannot resolve the config: {_first_line(error)}") from error
+    check_targets(cfg, ConfigContainer)
+    return cfg
 
 
 def load(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> ConfigContainer:
@@ -134,8 +163,9 @@ def _unknown_key(where: str, names: list[str], owner: str) -> str:
 
 
 def _explain(error: Exception, overrides: list[str], config_name: str, config_dir: str | None) -> ConfigError:
-    text = str(error)
-    if match := re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text):
+    text, cause = str(error), str(error.__cause__ or "")
+    unknown = re.search(r"full_key: (\S+)", cause) if "not in struct" in cause else None  # logger={...}
+    if match := unknown or re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text):
         key = match.group(1)
         parent, _, leaf = key.rpartition(".")
         names = _keys_at(parent, overrides, config_name, config_dir)
