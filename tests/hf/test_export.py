@@ -33,7 +33,7 @@ def _trained_checkpoint(tmp_path: Path, tied: bool, dtype: str, extra: dict | No
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_from_pretrained_gives_anneals_logits(tmp_path: Path, tied: bool, dtype: str) -> None:
     cfg, model, _ = _trained_checkpoint(tmp_path, tied, dtype)
-    written = export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=10**9)
+    written = export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=10**9).written
     assert [p.name for p in written] == ["model.safetensors"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["tie_word_embeddings"] is tied and config["vocab_size"] == cfg.vocab_size
@@ -46,7 +46,7 @@ def test_from_pretrained_gives_anneals_logits(tmp_path: Path, tied: bool, dtype:
 
 def test_sharded_export_has_an_index_and_imports_back_to_the_same_weights(tmp_path: Path) -> None:
     cfg, model, _ = _trained_checkpoint(tmp_path, False, "bf16")
-    written = export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=parse_size("30KB"))
+    written = export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=parse_size("30KB")).written
     index = json.loads((tmp_path / "hf" / INDEX_FILE).read_text())
     assert len(written) > 2 and set(index["weight_map"].values()) == {p.name for p in written}
     assert all(p.stat().st_size <= 30_000 + 320 * 64 * 2 for p in written), (
@@ -62,32 +62,6 @@ def test_sharded_export_has_an_index_and_imports_back_to_the_same_weights(tmp_pa
     load_pretrained(tmp_path / "hf", again, optimizer, cfg)
     for (name, a), b in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(a, b), name
-
-
-def test_the_runs_tokenizer_is_copied_with_its_ids(tmp_path: Path) -> None:
-    tokenizer = tmp_path / "tok" / "tokenizer.json"
-    tokenizer.parent.mkdir()
-    tokenizer.write_text('{"version": "1.0"}')
-    prefix = tmp_path / "data" / "corpus_text_document"
-    prefix.parent.mkdir()
-    record = {
-        "format": "anneal-indexed-metadata",
-        "version": 1,
-        "tokenizer": {
-            "type": "huggingface",
-            "path": str(tokenizer),
-            "sha256": "x",
-            "vocab_size": 300,
-            "eod_id": 7,
-            "bos_id": None,
-        },
-    }
-    prefix.with_name(prefix.name + ".json").write_text(json.dumps(record))
-    extra = {"dataset": {"kind": "indexed", "data_path": [str(prefix)]}}
-    _trained_checkpoint(tmp_path, True, "fp32", extra)
-    export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=10**9)
-    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"version": "1.0"}'
-    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 7
 
 
 def test_a_run_without_a_tokenizer_exports_no_tokenizer_files(tmp_path: Path) -> None:

@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     from anneal.hf.exporter import export_checkpoint, parse_size
 
     try:
-        written = export_checkpoint(
+        export = export_checkpoint(
             args.checkpoint, args.out, max_shard_bytes=parse_size(args.max_shard_size)
         )
     except ConfigError as error:
         exits.report(error)
         sys.exit(exits.CONFIG)
-    print(f"exported {args.checkpoint} to {args.out}: {', '.join(p.name for p in written)}")
+    for reason in export.refused:
+        print(f"anneal: note: tokenizer file not copied: {reason}", flush=True)
+    print(f"exported {args.checkpoint} to {args.out}: {', '.join(p.name for p in export.written)}")

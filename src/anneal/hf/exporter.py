@@ -1,8 +1,9 @@
 """An anneal checkpoint -> a Hugging Face ``Qwen3ForCausalLM`` directory (``anneal-export-hf``).
 
 Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards of at most
-``max_shard_bytes`` with ``model.safetensors.index.json``) and, when the run's ``config.yaml``
-names a tokenizer file or directory that exists, its tokenizer files. The model tensors are read
+``max_shard_bytes`` with ``model.safetensors.index.json``) and the tokenizer files that the run's
+data metadata (``PREFIX.json``) records, each verified first (``anneal.hf.tokenizer_files``): a
+file that is not what its name says is not copied, and is named in ``Export.refused``. The model tensors are read
 with DCP in this one process through the restricted reader, one output shard at a time, so memory
 holds one shard, whatever the layout the checkpoint was saved in (DCP reshards to whole tensors).
 Tensors keep the dtype they were trained in; ``vocab_size`` is the embedding's rows, padding kept.
@@ -14,6 +15,7 @@ import json
 import re
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +27,16 @@ from anneal.config.model import ModelConfig
 from anneal.errors import ConfigError
 from anneal.hf.importer import INDEX_FILE, SINGLE_FILE
 from anneal.hf.mapping import DTYPE_NAMES, hf_config, to_hf_name
+from anneal.hf.tokenizer_files import TokenizerCopy, verified_tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-)
+
+
+@dataclass(frozen=True)
+class Export:
+    written: list[Path]  # every file written into OUT, weights first
+    refused: list[str] = field(default_factory=list)  # tokenizer files not copied, each with its reason
 
 
 def parse_size(text: str) -> int:
@@ -47,7 +47,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int) -> list[Path]:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int) -> Export:
     """Write the Hugging Face directory ``out`` from ``checkpoint`` (an ``iter_*`` or a save directory)."""
     path = _resolve(Path(checkpoint))
     files.verify(path)  # every file against the manifest: a damaged checkpoint is refused, naming the file
@@ -60,11 +60,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_byte
         stale.unlink(missing_ok=True)
     written = _write_weights(path, out, shapes, max_shard_bytes)
     dtype = DTYPE_NAMES[str(next(iter(shapes.values()))[1])]
-    tokenizers, ids = _tokenizer_sources(run_config)
+    tokenizer, ids = _recorded_tokenizer(run_config, cfg.vocab_size)
     (out / "config.json").write_text(json.dumps({**hf_config(cfg, dtype), **ids}, indent=2) + "\n")
     generation = {"_from_model_config": True, **ids}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return written + _copy_tokenizer(tokenizers, out)
+    return Export(written + _copy_tokenizer(tokenizer, out), tokenizer.refused)
 
 
 def _resolve(checkpoint: Path) -> Path:
@@ -143,34 +143,22 @@ def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[
     return [out / file for file in names]
 
 
-def _tokenizer_sources(run_config: dict[str, Any]) -> tuple[list[Path], dict[str, int]]:
-    """Existing tokenizer paths (from the data prefixes' metadata, else any ``*tokenizer*`` value), ids."""
+def _recorded_tokenizer(run_config: dict[str, Any], vocab_size: int) -> tuple[TokenizerCopy, dict[str, int]]:
+    """The verified files of the tokenizer the data's metadata records (the first prefix that has one),
+    and its special-token ids where they are token ids of this model."""
     from anneal.data.metadata import read_tokenizer
 
     dataset = run_config.get("dataset") or {}
-    recorded = [read_tokenizer(p, "dataset.data_path") for p in dataset.get("data_path") or []]
-    recorded = [t for t in recorded if t]
-    paths = [Path(t["path"]) for t in recorded if t.get("path") and Path(t["path"]).exists()]
-    ids = {}
-    if recorded:
-        ids = {"bos_token_id": recorded[0].get("bos_id"), "eos_token_id": recorded[0].get("eod_id")}
-    return paths or _tokenizer_paths(run_config), ids
+    prefixes = dataset.get("data_path") or []
+    recorded = [t for t in (read_tokenizer(str(p), "dataset.data_path") for p in prefixes) if t]
+    if not recorded:
+        return TokenizerCopy(), {}
+    names = {"bos_token_id": recorded[0].get("bos_id"), "eos_token_id": recorded[0].get("eod_id")}
+    ids = {k: v for k, v in names.items() if type(v) is int and 0 <= v < vocab_size}
+    return verified_tokenizer(recorded[0]), ids
 
 
-def _copy_tokenizer(sources: list[Path], out: Path) -> list[Path]:
-    copied = []
-    for source in sources:
-        candidates = [source / f for f in _TOKENIZER_FILES] if source.is_dir() else [source]
-        for file in filter(Path.is_file, candidates):
-            name = file.name if file.name in _TOKENIZER_FILES else "tokenizer.json"
-            shutil.copyfile(file, out / name)
-            copied.append(out / name)
-    return copied
-
-
-def _tokenizer_paths(tree: Any, key: str = "") -> list[Path]:
-    if isinstance(tree, dict):
-        return [p for k, v in tree.items() for p in _tokenizer_paths(v, str(k))]
-    if isinstance(tree, str) and "tokenizer" in key.lower() and Path(tree).exists():
-        return [Path(tree)]
-    return []
+def _copy_tokenizer(tokenizer: TokenizerCopy, out: Path) -> list[Path]:
+    for source, name in tokenizer.files:
+        shutil.copyfile(source, out / name)
+    return [out / name for _, name in tokenizer.files]
