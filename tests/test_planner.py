@@ -17,9 +17,11 @@ from anneal.config.training import TrainingConfig
 from anneal.errors import ConfigError
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.parallel import ParallelDims, plan_layout
-from anneal.planner import (StateBytes, bytes_per_parameter, candidates, check_fits, gathered_bytes,
-                            local_shape, meta_parameter_count, parameter_shapes, plan, plan_table,
-                            state_bytes, working_memory)
+from anneal.devices import Target, accelerator_target
+from anneal.plan_report import plan_table
+from anneal.planner import (StateBytes, bytes_per_parameter, candidates, check_fits, construction_bytes,
+                            gathered_bytes, local_shape, meta_parameter_count, parameter_shapes, plan,
+                            smallest_change, state_bytes, working_memory)
 
 PUBLISHED_PARAMETERS = {"qwen3_0p6b": 596_049_920, "qwen3_1p7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
                         "qwen3_8b": 8_190_735_360}
@@ -100,11 +102,11 @@ def test_untied_output_layer_is_counted() -> None:
 
 
 def _meminfo(tmp_path, monkeypatch, kib: int) -> None:
-    import anneal.planner
+    import anneal.devices
 
     path = tmp_path / "meminfo"
     path.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {kib} kB\n")
-    monkeypatch.setattr(anneal.planner, "MEMINFO", str(path))
+    monkeypatch.setattr(anneal.devices, "MEMINFO", str(path))
 
 
 def test_check_fits_passes_when_the_state_fits_in_available_memory(tmp_path, monkeypatch) -> None:
@@ -140,14 +142,19 @@ def _model_cfg(bf16: bool = True, **model) -> ConfigContainer:
 ])
 def test_activations_follow_korthikantis_formula_per_recompute_setting(recompute, per_layer_terms) -> None:
     s, b, h, a, L = 512, 2, 256, 4, 4
-    layer = s * b * h * (34 + 5 * a * s / h)  # 16-bit, no recompute (Korthikanti et al., eq. 1)
-    expected = {"none": L * layer, "selective": L * s * b * h * 34,
+
+    def expected(scores: bool) -> float:
+        layer = s * b * h * (34 + (5 * a * s / h if scores else 0))  # 16-bit, no recompute (Korthikanti eq. 1)
+        return {"none": L * layer, "selective": L * s * b * h * 34,
                 "full-1": L * 2 * s * b * h + layer,  # each layer's input + the layer being recomputed
                 "full-2": 2 * 2 * s * b * h + 2 * layer,  # two units of two layers
                 "block-1": 2 * s * b * h + 3 * layer}[per_layer_terms]
-    rank = plan(_model_cfg(**recompute), 3200, [1]).ranks[0]
-    assert rank.activations == pytest.approx(expected)
-    assert plan(_model_cfg(bf16=False, **recompute), 3200, [1]).ranks[0].activations == pytest.approx(2 * expected)
+
+    for kernel, scores in (("math", True), ("flash", False)):
+        rank = plan(_model_cfg(**recompute), 3200, [1], kernel=kernel).ranks[0]
+        assert rank.activations == pytest.approx(expected(scores))
+        fp32 = plan(_model_cfg(bf16=False, **recompute), 3200, [1], kernel=kernel).ranks[0]
+        assert fp32.activations == pytest.approx(2 * expected(scores))
 
 
 def test_chunked_loss_shrinks_the_logits_and_the_peak() -> None:
@@ -161,22 +168,28 @@ def test_chunked_loss_shrinks_the_logits_and_the_peak() -> None:
 
 def test_table_shows_the_working_memory_of_each_setting() -> None:
     cfg = _model_cfg(recompute_granularity="selective", cross_entropy_chunk_size=256)
-    text = plan_table(plan(cfg, 3200, [1, 8]), cfg)
+    text = plan_table(plan(cfg, 3200, [1, 8], kernel="math"), cfg)
     assert "activations / microbatch (2 × 512 tokens): 34.0 MiB (selective); none 74.0 MiB, selective 34.0 MiB" in text
     assert "logits / microbatch: 2.9 MiB (chunked per 256 tokens); plain 11.7 MiB" in text
     (head,) = [line for line in text.splitlines() if line.split()[:1] == ["dp"]]
     assert head.split()[-1] == "peak"
 
 
-def test_check_fits_counts_activations_and_names_selective_recompute(tmp_path, monkeypatch) -> None:
-    cfg = _model_cfg(num_layers=64, seq_length=4096)
-    rank = plan(cfg, 3200, [1]).ranks[0]
-    _meminfo(tmp_path, monkeypatch, int(rank.states.total + rank.activations / 2) // 1024)  # states fit
+def _gpu(free: float) -> Target:
+    return Target("cuda:0", "cuda", int(free), "a test's figure")
+
+
+def test_check_fits_counts_activations_and_names_selective_recompute() -> None:
+    cfg = _model_cfg(bf16=False, num_layers=64, seq_length=4096)  # fp32 with GQA on CUDA: the math kernel
+    rank = plan(cfg, 3200, [1], target=_gpu(0)).ranks[0]
+    gpu = _gpu(rank.states.total + rank.activations / 2)  # the states fit
     with pytest.raises(ConfigError, match=r"activations and logits .* it fits with "
                                           r"model.recompute_granularity=selective \("):
-        check_fits(cfg, plan_layout(cfg.train, 1), device="cpu")
+        check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
     cfg.model.recompute_granularity = "selective"  # 5as/h = 80 of the 114 per-layer terms gone
-    check_fits(cfg, plan_layout(cfg.train, 1), device="cpu")
+    check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
+    cfg.model.recompute_granularity, cfg.optimizer.bf16 = None, True  # bf16: flash, no scores to recompute
+    check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
 
 
 # A model small enough to count by hand: head dim 16, 4 query heads, 2 key-value groups, tied embedding.
@@ -291,11 +304,12 @@ def test_gathered_compute_copies_are_the_root_plus_two_blocks_or_every_block() -
 def test_tensor_parallel_divides_all_but_ten_of_the_activation_terms() -> None:
     s, b, h, a, L = 512, 2, 256, 4, 4
     cfg = _model_cfg(tensor_model_parallel_size=2)
-    activations, logits = working_memory(cfg)
+    activations, logits = working_memory(cfg, "math")
     assert activations == pytest.approx(L * s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2)))
+    assert working_memory(cfg, "flash")[0] == pytest.approx(L * s * b * h * (10 + 24 / 2))
     assert logits == 12 * 2 * 512 * 1000  # the output layer is replicated: the full vocabulary
     selective = _model_cfg(tensor_model_parallel_size=2, recompute_granularity="selective")
-    assert working_memory(selective)[0] == pytest.approx(L * s * b * h * 22)
+    assert working_memory(selective, "math")[0] == pytest.approx(L * s * b * h * 22)
 
 
 def _engine_cfg(**dist) -> ConfigContainer:
@@ -318,12 +332,12 @@ def test_plan_lays_the_configs_layout_over_each_world_size(tmp_path, monkeypatch
             "state 8 B per element of the rank's shard") in text
     (head,) = [line.split() for line in text.splitlines() if line.split()[:2] == ["world", "dp"]]
     assert head == ["world", "dp", "shard", "tp", "microbatches", "params", "grads", "optimizer", "gathered",
-                    "activations", "logits", "peak"]
+                    "activations", "logits", "build", "peak"]
     assert "world 3: n/a, model.tensor_model_parallel_size (2)" in text
     hsdp = plan(_engine_cfg(data_parallel_replicate_degree=2), 3200, [4, 8]).ranks
     assert [(r.dims.world_size, r.dims.dp_replicate, r.dims.dp_shard) for r in hsdp] == [(4, 2, 1), (8, 2, 2)]
     assert plan(_engine_cfg(data_parallel_replicate_degree=2), 3200, [6]).unsplit == (6,)  # dp 3 / 2 replicas
-    assert re.search(r"^world 4: peak [\d.]+ MiB per rank, fits$", text, re.M)
+    assert re.search(r"^world 4: peak [\d.]+ MiB per rank, building [\d.]+ MiB, fits$", text, re.M)
 
 
 def test_advice_order_is_recompute_chunking_sharding_fsdp2_then_tensor_parallel() -> None:
@@ -338,24 +352,153 @@ def test_advice_order_is_recompute_chunking_sharding_fsdp2_then_tensor_parallel(
     assert [override for override, _ in candidates(cfg, 1)][-1] == "model.cross_entropy_chunk_size=4096"
 
 
-def test_qwen3_8b_on_eight_70_gib_ranks_needs_tensor_parallel_4(tmp_path, monkeypatch) -> None:
+def test_qwen3_8b_on_eight_70_gib_ranks_needs_tensor_parallel_4_only_when_scores_are_stored() -> None:
     from anneal.recipes.qwen.common import shipped_model
 
     cfg = ConfigContainer(train=TrainingConfig(train_iters=100, global_batch_size=32, micro_batch_size=1),
                           model=shipped_model("qwen3_8b"), optimizer=OptimizerConfig(lr=1e-3, bf16=True))
+    shapes, engine = parameter_shapes(cfg.model), "dist.use_torch_fsdp2=true optimizer.use_distributed_optimizer=false"
     # By hand (GiB per rank, s = h = 4096, 36 layers, 8.19B parameters of which 1.245B are replicated under
-    # tensor parallel): native 18 B × 8.19B = 137; the distributed optimizer 57 + activations 109;
-    # FSDP2 over 8: 15.3 + 109; tp 2 × FSDP2 4: 17.6 + gathered 2.7 + activations 57.4 (10 + 12 + 80 per
-    # layer) + logits 7.0 = 84.6; tp 4 × FSDP2 2: 22.2 + 2.5 + 31.5 (10 + 6 + 40) + 7.0 = 63.2.
-    _meminfo(tmp_path, monkeypatch, 70 * 1024 * 1024)
-    with pytest.raises(ConfigError, match=r"it fits with dist.use_torch_fsdp2=true "
-                                          r"optimizer.use_distributed_optimizer=false "
-                                          r"model.tensor_model_parallel_size=4 \(63.\d\d GiB per rank\)$"):
-        check_fits(cfg, plan_layout(cfg.train, 8), device="cpu")
-    _meminfo(tmp_path, monkeypatch, 10 * 1024 * 1024)
-    with pytest.raises(ConfigError, match=r"no single change .* fits on 8 ranks:"):
-        check_fits(cfg, plan_layout(cfg.train, 8), device="cpu")
-    taken = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_model_parallel_size=4),
-                                dist=DistributedConfig(use_torch_fsdp2=True))
-    _meminfo(tmp_path, monkeypatch, 70 * 1024 * 1024)
-    check_fits(taken, plan_layout(taken.train, 8, tp=4, fsdp=True), device="cpu")  # the advice, taken, fits
+    # tensor parallel), the math kernel storing scores: native 18 B × 8.19B = 137; the distributed optimizer
+    # 57 + activations 109; FSDP2 over 8: 15.3 + 109; tp 2 × FSDP2 4: 17.6 + gathered 2.7 + activations 57.4
+    # (10 + 12 + 80 per layer) + logits 7.0 = 84.6; tp 4 × FSDP2 2: 22.2 + 2.5 + 31.5 (10 + 6 + 40) + 7.0 = 63.2.
+    override, memory = smallest_change(cfg, 8, shapes, 70 * 1024**3, "math")
+    assert (override, round(memory.need / 1024**3, 1)) == (f"{engine} model.tensor_model_parallel_size=4", 63.2)
+    # Flash keeps no scores: activations 34 per layer (19.1), so FSDP2 over 8 alone fits:
+    # 15.3 + gathered 3.0 (the untied root, 1.245B, and two blocks of 193M, in bf16) + 19.1 + 7.0 = 44.4.
+    with pytest.raises(ConfigError, match=rf"it fits with {engine} \(44.\d\d GiB per rank\)$"):
+        check_fits(cfg, plan_layout(cfg.train, 8), "cuda", _gpu(70 * 1024**3))
+    with pytest.raises(ConfigError, match=r"no single change or pair .* fits on 8 ranks: pick a smaller model"):
+        check_fits(cfg, plan_layout(cfg.train, 8), "cuda", _gpu(10 * 1024**3))
+    taken = dataclasses.replace(cfg, dist=DistributedConfig(use_torch_fsdp2=True))
+    check_fits(taken, plan_layout(taken.train, 8, fsdp=True), "cuda", _gpu(70 * 1024**3))  # the advice, taken
+
+
+# --- the target: attention kernel, construction peak, time, the real device -------------------------------
+
+@pytest.mark.parametrize(("precision", "device", "gqa", "kernel"), [
+    ("bf16", "cuda", True, "flash"), ("fp16", "cuda", True, "flash"), ("fp32", "cuda", True, "math"),
+    ("fp32", "cuda", False, "efficient"), ("fp32", "cpu", True, "flash"), ("bf16", "cpu", True, "flash"),
+])
+def test_attention_kernel_rule(precision, device, gqa, kernel) -> None:
+    from anneal.devices import attention_kernel
+
+    assert attention_kernel(precision, device, gqa=gqa) == kernel
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_sdpa_saves_no_score_matrix_for_the_backward(dtype) -> None:
+    """The rule's CPU row, measured: the model's attention call keeps nothing of shape [.., s, s]."""
+    import torch
+    import torch.nn.functional as F
+
+    s, dt = 64, getattr(torch, dtype)
+    q = torch.randn(1, 4, s, 16, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(1, 2, s, 16, dtype=dt, requires_grad=True) for _ in range(2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert saved and not any(shape[-2:] == (s, s) for shape in saved)
+
+
+def test_construction_peak_counted_from_the_build_code() -> None:
+    model = ModelConfig(**SMALL)
+    shapes, n = parameter_shapes(model), SMALL_PARAMETERS
+    bf16 = OptimizerConfig(lr=1e-3, bf16=True)
+    zero1 = OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True)
+    # native: fp32 model 4 + fp32 flat copy 4 + bf16 flat buffer 2 + fp32 master shard 4 (÷ dp when sharded)
+    assert construction_bytes(bf16, _dims(4, fsdp=False), shapes) == 14 * n
+    assert construction_bytes(zero1, _dims(4, fsdp=False), shapes) == 10 * n + 4 * (n // 4)
+    fp32 = OptimizerConfig(lr=1e-3)  # model 4 + flat buffer 4 + flat gradients 4
+    assert construction_bytes(fp32, _dims(4, fsdp=False), shapes) == 12 * n
+    # FSDP2 over 4: the root whole (6400 + 64), each block's shard on rank 0 (q 16×64, k and v 8×64, o
+    # 16×64, gate and up 48×64, down 16×192, norms 16 + 16 + 4 + 4 = 12328), one block whole (49312)
+    assert construction_bytes(bf16, _dims(4), shapes) == 4 * (6464 + 2 * 12328 + 49312)
+
+
+def test_the_larger_of_the_steady_and_the_construction_peak_decides(tmp_path, monkeypatch) -> None:
+    cfg = ConfigContainer(train=TrainingConfig(train_iters=100, global_batch_size=64, micro_batch_size=1),
+                          model=ModelConfig(**SMALL),
+                          optimizer=OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True))
+    (rank,) = plan(cfg, 3200, [64]).ranks
+    assert rank.construction > rank.peak  # 10.06 B per parameter while building, 6.19 B + 0.17 MiB after
+    _meminfo(tmp_path, monkeypatch, int((rank.peak + rank.construction) / 2) // 1024)
+    with pytest.raises(ConfigError, match=r"GiB in all \(building the model: .* GiB\), but cpu has"):
+        check_fits(cfg, plan_layout(cfg.train, 64), device="cpu")
+
+
+def test_time_estimate_on_eight_h100s() -> None:
+    from anneal.recipes import RECIPES
+
+    cfg = RECIPES["qwen3_4b"]()
+    p = plan(cfg, cfg.validate().train_samples, [8], target=accelerator_target("H100-80GB"))
+    e = p.estimate(8, 0.38)
+    # PaLM's count: 6 N per token plus 12·L·s·heads·head_dim for attention (36 layers, 32 heads of 128)
+    per_token = 6 * PUBLISHED_PARAMETERS["qwen3_4b"] + 12 * 36 * 4096 * 32 * 128
+    approximate = per_token * p.tokens_per_iteration / (8 * 989e12 * 0.38)
+    assert e.seconds_per_iteration == pytest.approx(approximate, rel=0.03)
+    assert e.seconds == pytest.approx(300_000 * e.seconds_per_iteration)
+    assert e.tokens_per_day * e.seconds_per_iteration == pytest.approx(86400 * p.tokens_per_iteration)
+    assert p.estimate(16, 0.38).seconds == pytest.approx(e.seconds / 2)
+    assert plan(cfg, 3200, [8], target=_gpu(1)).estimate(8, 0.38) is None  # no known peak
+
+
+def _one_h100(monkeypatch) -> None:
+    """This machine, as torch sees it, has one idle H100: 79.11 GiB, 0.5 of them the CUDA context."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (int(78.61 * 1024**3), int(79.11 * 1024**3)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+
+
+def test_pre_launch_check_admits_qwen3_0p6b_on_one_h100(monkeypatch) -> None:
+    from anneal.recipes import RECIPES
+
+    _one_h100(monkeypatch)
+    cfg = RECIPES["qwen3_0p6b"]()  # micro-batch 2 × 4096, bf16: flash attention
+    check_fits(cfg, plan_layout(cfg.train, 1), "cuda")  # about 31 GiB
+    # counting the score matrices (the old estimate, 101 GiB) it would be refused
+    with_scores = plan(cfg, 3200, [1], target=_gpu(0), kernel="math").ranks[0]
+    assert with_scores.need > 78.61 * 1024**3
+    cfg.optimizer.bf16 = False  # fp32 with grouped queries runs the math kernel: refused on the same device
+    with pytest.raises(ConfigError, match=r"cuda:0 has 78.61 GiB free \(torch.cuda.mem_get_info on cuda:0\)"):
+        check_fits(cfg, plan_layout(cfg.train, 1), "cuda")
+
+
+def test_qwen3_4b_fits_eight_h100s_and_one_names_the_smallest_change(compose) -> None:
+    cfg = compose("recipe=qwen3_4b", "plan.device=H100-80GB", "plan.world_size=1")
+    text = plan_table(plan(cfg, cfg.validate().train_samples, [1, 8]), cfg)
+    one = next(line for line in text.splitlines() if line.startswith("world 1:"))
+    # 18 B per parameter (67.4 GiB) + 23.9 GiB of activations + 13.9 of logits: recompute alone leaves
+    # 83.4, chunking alone 91.5; both together 67.4 + 2.1 + 7.0 = 76.5; as it is, dp 4 shards the state
+    assert re.fullmatch(r"world 1: peak 105.\d\d GiB per rank, building 52.\d\d GiB, does not fit; it fits with "
+                        r"model.recompute_granularity=full model.recompute_method=uniform "
+                        r"model.recompute_num_layers=1 model.cross_entropy_chunk_size=4096 \(76.\d\d GiB per "
+                        r"rank\); as configured it fits on 4 ranks", one)
+    assert re.search(r"^world 8: peak 65.\d\d GiB per rank, building 39.\d\d GiB, fits$", text, re.M)
+    assert re.search(r"^  time: 1.\d+ s / iteration, 4.\d+ days for the run, [\d.]+B tokens / day on 8 × "
+                     r"H100-80GB at 38% MFU", text, re.M)
+
+
+def test_dry_run_plans_the_named_device_and_rank_count() -> None:
+    from anneal_testing import run_cli
+
+    out = run_cli("recipe=qwen3_4b", "dry_run=true", "plan.device=H100-80GB", "plan.world_size=1")
+    assert out.returncode == 0, out.stderr
+    plan_part = out.stdout.split("# plan", 1)[1]
+    assert "target: H100-80GB (plan.device), 78.61 GiB per rank" in plan_part
+    assert re.search(r"^world 1: peak [\d.]+ GiB per rank, building [\d.]+ GiB, does not fit; it fits with ",
+                     plan_part, re.M)
+    assert re.search(r"^  time: [\d.]+ s / iteration, [\d.]+ days for the run", plan_part, re.M)
+
+
+def test_bench_gpu_run_shows_why_it_failed(monkeypatch) -> None:
+    import subprocess
+
+    from anneal.bench import gpu
+
+    refusal = "anneal: error: model (1,720,574,976 parameters) does not fit: ..."
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2, "", f"log\n{refusal}\n"))
+    with pytest.raises(RuntimeError, match=r"qwen3_1p7b \(native\) exited 2:\nlog\n" + re.escape(refusal)):
+        gpu._run("qwen3_1p7b", "native", 10)

@@ -8,6 +8,7 @@ from anneal.config.container import ConfigContainer
 from anneal.config.dataset import DatasetConfig
 from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
+from anneal.config.plan import PlanConfig
 from anneal.config.runtime import LoggerConfig, RNGConfig
 from anneal.config.scheduler import SchedulerConfig
 from anneal.config.training import TrainingConfig
@@ -30,11 +31,13 @@ def pretrain_config(
     train_iters: int = 300_000,
     global_batch_size: int = 32,
     micro_batch_size: int = 2,
+    target: PlanConfig | None = None,
 ) -> ConfigContainer:
     """Megatron-Bridge's Qwen3 pretraining shape: 300k iterations of 32 × ``model.seq_length`` tokens.
 
     Bridge trains on mock data when no data path is given; so does this (``dataset=indexed
     'dataset.data_path=[...]'`` on the command line, or ``cfg.dataset`` in Python, for real data).
+    ``target``: the hardware and rank count the recipe is planned for (``plan.``; the dry run's default).
     """
     return ConfigContainer(
         train=TrainingConfig(
@@ -50,4 +53,5 @@ def pretrain_config(
         dataset=DatasetConfig(kind="mock", seed=1234),
         logger=LoggerConfig(log_interval=10),
         rng=RNGConfig(seed=1234),
+        plan=target or PlanConfig(),
     )

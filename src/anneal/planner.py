@@ -22,39 +22,50 @@ On top comes one microbatch's working memory (``b`` = micro batch, ``s`` = seq, 
 ``a`` = heads, ``t`` = tensor parallel, ``L`` = layers, ``v`` = vocab). Activations follow
 Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (Megatron's
 accounting, tensor parallel without sequence parallel), per layer in 16-bit
-``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` bytes (twice that in fp32): ``selective`` recompute drops the
-attention-core term; ``full`` keeps each recomputed unit's input (``2·s·b·h``) plus the activations
-of the unit being recomputed. The loss holds three fp32 ``[tokens, vocab]`` tensors at its peak
+``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` bytes (twice that in fp32). The ``5·a·s/(h·t)`` term is the
+attention core's score matrices, stored only when SDPA runs its ``math`` kernel
+(``anneal.devices.attention_kernel``: fp32 with grouped queries on CUDA); flash and memory-efficient
+SDPA keep none, and then ``selective`` recompute saves nothing. ``selective`` drops that term;
+``full`` keeps each recomputed unit's input (``2·s·b·h``) plus the activations of the unit being
+recomputed. The loss holds three fp32 ``[tokens, vocab]`` tensors at its peak
 (``12·s·b·v`` bytes; measured on CPU) or three ``[chunk, vocab]`` ones with
 ``model.cross_entropy_chunk_size``; the output layer is replicated under tensor parallel, so these
 are the full vocabulary on every rank. Communication buffers, the transient unsharded gradients of
 one block and allocator slack are not counted.
 
-When a rank does not fit, ``check_fits`` names the first single change, in a fixed order, that would.
+Building the model has its own peak, before any activation exists (``construction_bytes``): the
+native engine holds the fp32 model, an fp32 flat copy, the 16-bit flat buffer and the fp32 master
+shard at once (``FlatOptimizer``'s ``_flatten_parameters``: ``10·N + 4·N/dp`` bytes under bf16/fp16
+with the distributed optimizer, ``14·N`` without; fp32: the model, the flat buffer and the flat
+gradients, ``12·N``); PyTorch's engine builds block by block (``build_sharded``): the root's fp32
+parameters whole, every block built so far as its fp32 shard, and one block whole. A rank needs the
+larger of the two peaks.
+
+When a rank does not fit, ``smallest_change`` names the first single change, in a fixed order, that
+would, else the first pair of them; ``ranks_to_fit`` the fewest ranks on which the config fits as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from anneal.config.container import ConfigContainer, check_world
 from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
+from anneal.devices import Target, attention_kernel, machine_target, planned_target
 from anneal.errors import ConfigError
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.parallel import COLWISE, ROWWISE, ParallelDims
-
-MEMINFO = "/proc/meminfo"
 
 MIB, GIB = 1024**2, 1024**3
 
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of every parameter, in model order
 
 TENSOR_PARALLEL_SIZES = (2, 4, 8)  # what the advice tries
+MAX_RANKS = 4096  # the most ranks ranks_to_fit tries
 TORCH_ENGINE = {"dist": {"use_torch_fsdp2": True}, "optimizer": {"use_distributed_optimizer": False}}
 
 
@@ -96,11 +107,28 @@ class RankMemory:
     gathered: int = 0  # FSDP2's gathered compute copies held at once (PyTorch's engine)
     replicated: StateBytes | None = None  # native engine: without the distributed optimizer
     sharded: StateBytes | None = None  # native engine: with it
+    construction: float = 0  # while the engine builds the model and optimizer (construction_bytes)
 
     @property
     def peak(self) -> float:
-        """Model states plus gathered parameters plus one microbatch's activations and logits."""
+        """The steady state: model states, gathered parameters, one microbatch's activations and logits."""
         return self.states.total + self.gathered + self.activations + self.logits
+
+    @property
+    def need(self) -> float:
+        """What the rank needs: the larger of the steady and the construction peak."""
+        return max(self.peak, self.construction)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Time on ``world_size`` ranks at a model FLOPs utilisation (the FLOPs of ``flops_per_token``)."""
+
+    world_size: int
+    mfu: float
+    seconds_per_iteration: float
+    seconds: float  # the whole run (the batch ramp included)
+    tokens_per_day: float
 
 
 @dataclass(frozen=True)
@@ -113,7 +141,19 @@ class Plan:
     bytes_per_parameter: BytesPerParameter
     ranks: tuple[RankMemory, ...]
     unsplit: tuple[int, ...] = ()  # world sizes the config's tensor parallel and replicas do not divide
+    target: Target | None = None  # what the ranks run on
+    kernel: str = "math"  # the attention kernel counted (anneal.devices.attention_kernel)
     shapes: Shapes = field(default=(), compare=False, repr=False)
+
+    def estimate(self, world_size: int, mfu: float) -> Estimate | None:
+        """Seconds per iteration, for the run and tokens per day on the target; None without its peak."""
+        peak = self.target.peak_flops if self.target else None
+        if not peak:
+            return None
+        rate = world_size * peak * mfu  # model FLOP/s of all ranks together
+        per_token = self.flops_per_iteration / self.tokens_per_iteration
+        return Estimate(world_size, mfu, self.flops_per_iteration / rate, self.flops_per_run / rate,
+                        86400 * rate / per_token)
 
 
 def bytes_per_parameter(optimizer: OptimizerConfig) -> BytesPerParameter:
@@ -212,14 +252,17 @@ def gathered_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: Shape
 
 
 def activation_bytes(model: ModelConfig, micro_batch_size: int, optimizer: OptimizerConfig, *,
-                     granularity: str | None, method: str | None = None,
+                     granularity: str | None, scores: bool, method: str | None = None,
                      num_layers: int | None = None) -> float:
-    """One microbatch's layer activations per rank (Korthikanti et al.) under a recompute setting."""
+    """One microbatch's layer activations per rank (Korthikanti et al.) under a recompute setting.
+
+    ``scores``: the attention kernel stores the score matrices (SDPA's math kernel; see the module).
+    """
     s, b, h, t = model.seq_length, micro_batch_size, model.hidden_size, model.tensor_model_parallel_size
     a, layers = model.num_attention_heads, model.num_layers
     scale = 2.0 if not (optimizer.bf16 or optimizer.fp16) else 1.0  # the formula counts 16-bit activations
     kept = s * b * h * (10 + 24 / t) * scale  # all but the attention core (scores, softmax, dropout)
-    layer = kept + s * b * h * 5 * a * s / (h * t) * scale
+    layer = kept + (s * b * h * 5 * a * s / (h * t) * scale if scores else 0.0)
     if granularity == "selective":
         return layers * kept
     if granularity != "full":
@@ -236,12 +279,49 @@ def logits_bytes(model: ModelConfig, micro_batch_size: int, chunk_size: int) -> 
     return 12.0 * (min(chunk_size, tokens) if chunk_size > 0 else tokens) * model.vocab_size
 
 
-def working_memory(cfg: ConfigContainer) -> tuple[float, float]:
+def precision(optimizer: OptimizerConfig) -> str:
+    return "bf16" if optimizer.bf16 else "fp16" if optimizer.fp16 else "fp32"
+
+
+def kernel_of(cfg: ConfigContainer, device_type: str) -> str:
+    """The SDPA kernel the config's attention runs on ``device_type`` (cpu or cuda)."""
+    gqa = cfg.model.num_kv_heads != cfg.model.num_attention_heads
+    return attention_kernel(precision(cfg.optimizer), device_type, gqa=gqa)
+
+
+def working_memory(cfg: ConfigContainer, kernel: str) -> tuple[float, float]:
     """(activations, logits) bytes of one microbatch for the config's recompute, loss and tensor parallel."""
     m, b = cfg.model, cfg.train.micro_batch_size
     activations = activation_bytes(m, b, cfg.optimizer, granularity=m.recompute_granularity,
-                                   method=m.recompute_method, num_layers=m.recompute_num_layers)
+                                   scores=kernel == "math", method=m.recompute_method,
+                                   num_layers=m.recompute_num_layers)
     return activations, logits_bytes(m, b, m.cross_entropy_chunk_size)
+
+
+def construction_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: Shapes) -> int:
+    """A rank's peak while the engine builds the model and the optimizer (see the module's docstring).
+
+    Native: ``_flatten_parameters`` copies the fp32 model into an fp32 flat buffer, casts that to the
+    16-bit one and clones this rank's fp32 master shard before the model's own tensors are freed (fp32:
+    the model, the flat buffer and the flat gradients). PyTorch's engine: ``build_sharded``
+    materialises the root whole and shards it last, and each block whole before sharding it.
+    """
+    if not dims.fsdp:
+        n = sum(math.prod(shape) for _, shape in shapes)
+        if not (optimizer.bf16 or optimizer.fp16):
+            return 12 * n
+        owned = -(-n // dims.dp_size) if optimizer.use_distributed_optimizer else n
+        return 10 * n + 4 * owned
+    root, blocks, whole = 0, 0, {}
+    for name, shape in shapes:
+        local = math.prod(local_shape(name, shape, dims.tp_size, 0, dims.dp_shard, 0))
+        if name.startswith("layers."):
+            blocks += local
+            block = name.split(".")[1]
+            whole[block] = whole.get(block, 0) + math.prod(shape)
+        else:
+            root += math.prod(shape)
+    return 4 * (root + blocks + max(whole.values(), default=0))
 
 
 def config_layout(cfg: ConfigContainer, world_size: int) -> ParallelDims | None:
@@ -253,7 +333,7 @@ def config_layout(cfg: ConfigContainer, world_size: int) -> ParallelDims | None:
                         dp_replicate=replicate, fsdp=cfg.dist.use_torch_fsdp2)
 
 
-def rank_memory(cfg: ConfigContainer, dims: ParallelDims, shapes: Shapes) -> RankMemory:
+def rank_memory(cfg: ConfigContainer, dims: ParallelDims, shapes: Shapes, kernel: str) -> RankMemory:
     """Rank 0's memory under ``dims`` with the config's engine, optimizer, recompute and loss."""
     try:
         microbatches = check_world(cfg.train, dims.dp_size)
@@ -267,11 +347,19 @@ def rank_memory(cfg: ConfigContainer, dims: ParallelDims, shapes: Shapes) -> Ran
     gathered = gathered_bytes(cfg.optimizer, dims, shapes,
                               reshard_after_forward=cfg.dist.fsdp_reshard_after_forward)
     return RankMemory(dims, microbatches, state_bytes(cfg.model, cfg.optimizer, dims, shapes=shapes),
-                      *working_memory(cfg), gathered=gathered, **native)
+                      *working_memory(cfg, kernel), gathered=gathered,
+                      construction=construction_bytes(cfg.optimizer, dims, shapes), **native)
 
 
-def plan(cfg: ConfigContainer, train_samples: int, world_sizes: Sequence[int]) -> Plan:
-    """The plan of ``cfg`` on each world size; ``train_samples`` from ``cfg.validate()`` (the batch ramp)."""
+def plan(cfg: ConfigContainer, train_samples: int, world_sizes: Sequence[int], *,
+         target: Target | None = None, kernel: str | None = None) -> Plan:
+    """The plan of ``cfg`` on each world size; ``train_samples`` from ``cfg.validate()`` (the batch ramp).
+
+    ``target``: what the ranks run on (default: ``plan.device``, or this machine); ``kernel``: the
+    attention kernel to count (default: the one that runs on the target).
+    """
+    target = target or planned_target(cfg.plan.device, cfg.dist.device)
+    kernel = kernel or kernel_of(cfg, target.kind)
     shapes = parameter_shapes(cfg.model)
     seq = cfg.model.seq_length
     per_token = flops_per_token(cfg.model)
@@ -284,176 +372,36 @@ def plan(cfg: ConfigContainer, train_samples: int, world_sizes: Sequence[int]) -
         flops_per_iteration=per_token * tokens,
         flops_per_run=per_token * train_samples * seq,
         bytes_per_parameter=bytes_per_parameter(cfg.optimizer),
-        ranks=tuple(rank_memory(cfg, dims, shapes) for dims in layouts.values() if dims is not None),
+        ranks=tuple(rank_memory(cfg, dims, shapes, kernel) for dims in layouts.values() if dims is not None),
         unsplit=tuple(world for world, dims in layouts.items() if dims is None),
+        target=target,
+        kernel=kernel,
         shapes=shapes,
     )
 
 
-def plan_table(p: Plan, cfg: ConfigContainer) -> str:
-    """The plan as the dry run prints it, with each world size against this machine's free memory."""
-    same = "matches" if p.parameters == p.analytic_parameters else f"differs from ({p.analytic_parameters:,})"
-    lines = [
-        f"parameters           {p.parameters:,} ({_short(p.parameters)}; meta-device model, {same} "
-        "the analytic count)",
-        f"tokens / iteration   {p.tokens_per_iteration:,} (global batch {cfg.train.global_batch_size} × "
-        f"seq {cfg.model.seq_length})",
-        f"FLOPs / iteration    {p.flops_per_iteration:.3e} (forward + backward; "
-        f"{p.flops_per_run:.3e} for the run)",
-        *(_torch_lines(p, cfg) if cfg.dist.use_torch_fsdp2 else _native_lines(p, cfg)),
-        *_fit_lines(p, cfg),
-    ]
-    return "\n".join(lines)
-
-
-def _precision(optimizer: OptimizerConfig) -> str:
-    return "bf16 mixed" if optimizer.bf16 else "fp16 mixed" if optimizer.fp16 else "fp32"
-
-
-def _native_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
-    b = p.bytes_per_parameter
-    distributed = cfg.optimizer.use_distributed_optimizer
-    head = ("dp", "microbatches", "weights", "grads", "state", "total", "dist. state", "dist. total", "peak")
-    rows = [(str(r.dims.dp_size), _micro(r), r.replicated.params, r.replicated.grads, r.replicated.optimizer,
-             r.replicated.total, r.sharded.optimizer, r.sharded.total, r.peak) for r in p.ranks]
-    used = ("'dist.' columns (optimizer.use_distributed_optimizer=true)" if distributed
-            else "replicated columns (optimizer.use_distributed_optimizer=false)")
-    return [
-        f"memory per rank, native engine, {_precision(cfg.optimizer)}, {cfg.optimizer.optimizer}: weights "
-        f"{b.weights} B + grads {b.grads} B + optimizer state {b.state} B (fp32 master {b.master} + moments "
-        f"{b.moments}) per parameter;",
-        f"  the distributed optimizer shards the state: {b.weights + b.grads} + {b.state}/dp B per parameter",
-        *_working_lines(cfg),
-        *_table(head, rows, p.ranks),
-        f"  this config uses the {used}",
-        "  microbatches: per rank per iteration; n/a: the global batch does not split over dp",
-        "  peak: the columns in use plus one microbatch's activations and logits",
-    ]
-
-
-def _torch_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
-    moments = p.bytes_per_parameter.moments
-    compute = _precision(cfg.optimizer).split()[0]
-    reshard = ("plus two blocks (the running and the prefetched one)" if cfg.dist.fsdp_reshard_after_forward
-               else "plus every block (dist.fsdp_reshard_after_forward=false)")
-    head = ("world", "dp", "shard", "tp", "microbatches", "params", "grads", "optimizer", "gathered",
-            "activations", "logits", "peak")
-    rows = []
-    for r in p.ranks:
-        d, s = r.dims, r.states
-        rows.append((*map(str, (d.world_size, d.dp_size, d.dp_shard, d.tp_size)), _micro(r),
-                     s.params, s.grads, s.optimizer, r.gathered, r.activations, r.logits, r.peak))
-    return [
-        f"memory per rank, PyTorch's engine (FSDP2), {compute} compute, {cfg.optimizer.optimizer}: fp32 "
-        f"params 4 B + fp32 grads 4 B + optimizer state {moments} B per element of the rank's shard "
-        "(no master copy);",
-        "  tensor parallel splits q/k/v, gate/up on dim 0 and o, down on dim 1 (the rest is replicated), "
-        "FSDP2 chunks that on dim 0 over 'shard' ranks (× dp/shard HSDP replicas); rank 0's shard is the "
-        "largest",
-        f"  gathered: FSDP2's {compute} copies of the root's parameters (embedding, final norm, output "
-        f"layer) {reshard}",
-        *_working_lines(cfg),
-        *_table(head, rows, p.ranks),
-        "  microbatches: per rank per iteration; n/a: the global batch does not split over dp",
-        "  peak: params + grads + optimizer + gathered + one microbatch's activations and logits",
-    ]
-
-
-def _micro(r: RankMemory) -> str:
-    return str(r.microbatches) if r.microbatches is not None else "n/a"
-
-
-def _table(head: tuple[str, ...], rows: list[tuple], ranks: Sequence[RankMemory]) -> list[str]:
-    """Rows of labels then byte counts, right-aligned, in MiB or GiB; a unit line below."""
-    unit, size = ("GiB", GIB) if max((r.peak for r in ranks), default=0) >= GIB else ("MiB", MIB)
-    cells = [head] + [tuple(x if isinstance(x, str) else f"{x / size:.2f}" for x in row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    return ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in cells] + [
-        f"  {unit} per rank"]
-
-
-def _working_lines(cfg: ConfigContainer) -> list[str]:
-    """One microbatch's activations and logits, this config's and the alternatives' (Korthikanti et al.)."""
-    m, mbs, opt = cfg.model, cfg.train.micro_batch_size, cfg.optimizer
-    activations, logits = working_memory(cfg)
-    full = m.recompute_num_layers if m.recompute_granularity == "full" else 1
-    setting = (m.recompute_granularity or "no recompute") + (
-        f", {m.recompute_method} {full}" if m.recompute_granularity == "full" else "")
-    options = {"none": activation_bytes(m, mbs, opt, granularity=None),
-               "selective": activation_bytes(m, mbs, opt, granularity="selective"),
-               "full uniform 1": activation_bytes(m, mbs, opt, granularity="full", method="uniform",
-                                                  num_layers=1)}
-    tp = f", tensor parallel {m.tensor_model_parallel_size}" if m.tensor_model_parallel_size > 1 else ""
-    chunk = m.cross_entropy_chunk_size
-    loss, other = (f"chunked per {chunk} tokens", 0) if chunk else ("plain", 1024)
-    other_name = f"chunked per {other} tokens" if other else "plain"
-    return [
-        f"activations / microbatch ({mbs} × {m.seq_length} tokens{tp}): {_bytes(activations)} ({setting}); "
-        + ", ".join(f"{name} {_bytes(x)}" for name, x in options.items()),
-        f"logits / microbatch: {_bytes(logits)} ({loss}); {other_name} {_bytes(logits_bytes(m, mbs, other))}",
-    ]
-
-
-def _fit_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
-    """Each world size's peak against this machine's free memory, and what fits when it does not."""
-    tp, replicate = cfg.model.tensor_model_parallel_size, cfg.dist.data_parallel_replicate_degree
-    lines = [f"world {world}: n/a, model.tensor_model_parallel_size ({tp}) × "
-             f"dist.data_parallel_replicate_degree ({replicate}) does not divide it" for world in p.unsplit]
-    kind, free, source = free_memory(cfg.dist.device)
-    if free is None:
-        return lines + [f"free memory: unknown ({source}); not checked"]
-    ranks_here = _ranks_here(kind)
-    shared = f", shared by {ranks_here} ranks" if ranks_here > 1 else ""
-    lines.append(f"free memory: {kind} has {free / GIB:.2f} GiB ({source}){shared}")
-    for r in p.ranks:
-        verdict = "fits" if r.peak * ranks_here <= free else "does not fit; " + _advice(
-            cfg, r.dims.world_size, p.shapes, free / ranks_here)
-        lines.append(f"world {r.dims.world_size}: peak {_bytes(r.peak)} per rank, {verdict}")
-    return lines
-
-
-def _ranks(n: int) -> str:
-    return f"{n} rank" if n == 1 else f"{n} ranks"
-
-
-def _bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
-
-
-def _short(n: float) -> str:
-    """4022468096 -> '4.02B'."""
-    for suffix, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g}{suffix}"
-    return str(n)
-
-
-def check_fits(cfg: ConfigContainer, layout: ParallelDims, device: str) -> None:
-    """ConfigError when a rank's model states plus one microbatch's working memory exceed free memory.
+def check_fits(cfg: ConfigContainer, layout: ParallelDims, device: str, target: Target | None = None) -> None:
+    """ConfigError when a rank's peak (steady or while building) exceeds the device's free memory.
 
     Called by the run with its layout (``anneal.parallel.plan_layout``) before any process group or
-    model exists; every rank checks the largest shard. CPU ranks on one machine share its
-    ``MemAvailable`` (``LOCAL_WORLD_SIZE`` of them); a CUDA rank has its device's free memory. The
-    message names the first single change that would fit (``smallest_change``). The activations are
-    Megatron's estimate and buffers are not counted, so a run that passes can still run out of memory.
+    model exists; every rank checks the largest shard. ``target``: this machine's ``device`` unless
+    given: a CUDA rank has its device's free memory (``torch.cuda.mem_get_info``), CPU ranks on one
+    machine share its ``MemAvailable`` (``LOCAL_WORLD_SIZE`` of them). The attention kernel counted is
+    the one that runs there. The message names the smallest change that would fit. The activations
+    are Megatron's estimate and buffers are not counted, so a run that passes can still run out of memory.
     """
-    kind, free, source = free_memory(device)
-    if free is None:
+    target = target or machine_target(device)
+    if target.free is None:
         return
-    shapes = parameter_shapes(cfg.model)
-    memory = rank_memory(cfg, layout, shapes)
-    ranks_here = _ranks_here(kind)
-    if memory.peak * ranks_here <= free:
+    shapes, kernel = parameter_shapes(cfg.model), kernel_of(cfg, target.kind)
+    memory = rank_memory(cfg, layout, shapes, kernel)
+    if memory.need * target.ranks_here <= target.free:
         return
-    where = f"{kind} has {free / GIB:.2f} GiB free ({source})"
-    raise ConfigError(_does_not_fit(cfg, memory, shapes, ranks_here, free, where))
+    where = f"{target.name} has {target.free / GIB:.2f} GiB free ({target.source})"
+    raise ConfigError(_does_not_fit(cfg, memory, shapes, target, kernel, where))
 
 
-def _ranks_here(kind: str) -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if kind == "cpu" else 1
-
-
-def _does_not_fit(cfg: ConfigContainer, memory: RankMemory, shapes: Shapes, ranks_here: int, free: int,
+def _does_not_fit(cfg: ConfigContainer, memory: RankMemory, shapes: Shapes, target: Target, kernel: str,
                   where: str) -> str:
     dims, b = memory.dims, bytes_per_parameter(cfg.optimizer)
     if dims.fsdp:
@@ -463,34 +411,60 @@ def _does_not_fit(cfg: ConfigContainer, memory: RankMemory, shapes: Shapes, rank
         per = f"{b.weights}+{b.grads}+{b.state} B per parameter" + (
             f", the state sharded over {dims.dp_size} ranks" if distributed else "")
     gathered = f" and FSDP2's gathered parameters {memory.gathered / GIB:.2f} GiB" if memory.gathered else ""
-    ranks = f" × {ranks_here} ranks on this machine" if ranks_here > 1 else ""
+    ranks = f" × {target.ranks_here} ranks on this machine" if target.ranks_here > 1 else ""
     parameters = sum(math.prod(shape) for _, shape in shapes)
+    building = memory.construction > memory.peak
+    build = f" (building the model: {memory.construction / GIB:.2f} GiB)" if building else ""
     return (f"model ({parameters:,} parameters) does not fit: weights, grads and optimizer state need "
             f"{memory.states.total / GIB:.2f} GiB per rank{ranks} ({per}), one microbatch's activations and "
             f"logits {(memory.activations + memory.logits) / GIB:.2f} GiB{gathered}, "
-            f"{memory.peak / GIB:.2f} GiB in all, but {where}; "
-            + _advice(cfg, dims.world_size, shapes, free / ranks_here))
+            f"{memory.peak / GIB:.2f} GiB in all{build}, but {where}; "
+            + advice(cfg, dims.world_size, shapes, target.free / target.ranks_here, kernel))
 
 
-def _advice(cfg: ConfigContainer, world_size: int, shapes: Shapes, room: float) -> str:
-    found = smallest_change(cfg, world_size, shapes, room)
-    if found is None:
-        return (f"no single change of recompute, loss chunking, optimizer sharding, FSDP2 or tensor parallel "
-                f"fits on {_ranks(world_size)}: pick a smaller model or run on more ranks")
-    override, memory = found
-    return f"it fits with {override} ({memory.peak / GIB:.2f} GiB per rank)"
+def advice(cfg: ConfigContainer, world_size: int, shapes: Shapes, room: float, kernel: str) -> str:
+    """The smallest change under which rank 0 fits in ``room`` bytes, and the fewest ranks as it is."""
+    found = smallest_change(cfg, world_size, shapes, room, kernel)
+    ranks = ranks_to_fit(cfg, world_size, shapes, room, kernel)
+    more = f"as configured it fits on {_ranks(ranks)}" if ranks else ""
+    if found is not None:
+        override, memory = found
+        fits = f"it fits with {override} ({memory.need / GIB:.2f} GiB per rank)"
+        return f"{fits}; {more}" if more else fits
+    return (f"no single change or pair of recompute, loss chunking, optimizer sharding, FSDP2 or tensor "
+            f"parallel fits on {_ranks(world_size)}: "
+            + (more or "pick a smaller model or a device with more memory"))
 
 
-def smallest_change(cfg: ConfigContainer, world_size: int, shapes: Shapes,
-                    room: float) -> tuple[str, RankMemory] | None:
-    """The first single change (``candidates``' order) under which rank 0 needs at most ``room`` bytes."""
-    for override, changed in candidates(cfg, world_size):
+def smallest_change(cfg: ConfigContainer, world_size: int, shapes: Shapes, room: float,
+                    kernel: str) -> tuple[str, RankMemory] | None:
+    """The first single change (``candidates``' order), else the first pair, under which rank 0 needs at
+    most ``room`` bytes: (command-line overrides, rank 0's memory), or None."""
+    singles = list(candidates(cfg, world_size))
+    pairs = ((f"{first} {second}", both) for first, changed in singles
+             for second, both in candidates(changed, world_size) if second not in first)
+    for override, changed in (*singles, *pairs):
         dims = config_layout(changed, world_size)
         if dims is None:
             continue
-        memory = rank_memory(changed, dims, shapes)
-        if memory.peak <= room:
+        memory = rank_memory(changed, dims, shapes, kernel)
+        if memory.need <= room:
             return override, memory
+    return None
+
+
+def ranks_to_fit(cfg: ConfigContainer, world_size: int, shapes: Shapes, room: float,
+                 kernel: str) -> int | None:
+    """The fewest ranks, a power-of-two multiple of the layout's, above ``world_size`` on which rank 0 of
+    the config as it is needs at most ``room`` bytes (up to ``MAX_RANKS``), or None."""
+    unit = cfg.model.tensor_model_parallel_size * cfg.dist.data_parallel_replicate_degree
+    world = unit
+    while world <= MAX_RANKS:
+        dims = config_layout(cfg, world)
+        memory = rank_memory(cfg, dims, shapes, kernel) if world > world_size and dims is not None else None
+        if memory is not None and memory.microbatches is not None and memory.need <= room:
+            return world
+        world *= 2
     return None
 
 
@@ -532,19 +506,5 @@ def _valid(model: ModelConfig) -> bool:
     return True
 
 
-def free_memory(device: str) -> tuple[str, int | None, str]:
-    """(cpu or cuda, free bytes or None when unknown, where the figure comes from)."""
-    import torch
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            return "cuda", None, "no CUDA device on this machine"
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        free, _ = torch.cuda.mem_get_info(index)
-        return "cuda", int(free), f"torch.cuda.mem_get_info on cuda:{index}"
-    try:
-        with open(MEMINFO) as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return "cpu", int(fields["MemAvailable"].split()[0]) * 1024, f"MemAvailable in {MEMINFO}"
-    except (OSError, KeyError, ValueError):
-        return "cpu", None, MEMINFO
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"

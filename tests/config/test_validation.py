@@ -62,6 +62,12 @@ RULES = [
     (["dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=0"], "model.tensor_model_parallel_size (0)"),
     (["dist.data_parallel_replicate_degree=2"], "dist.data_parallel_replicate_degree (2) needs dist.use_torch_fsdp2"),
     (["compile.backend=tvm"], "compile.backend ('tvm')"),
+    (["plan.device=h100-80gb"], "plan.device ('h100-80gb') must be one of 'auto', 'A100-40GB'"),
+    (["plan.device=H100"], "did you mean 'H100-80GB'?"),
+    (["plan.device=H200"], "did you mean 'H200-141GB'?"),
+    (["plan.world_size=0"], "plan.world_size (0) must be >= 1 or null"),
+    (["plan.mfu=1.5"], "plan.mfu (1.5) must be in (0, 1]"),
+    (["plan.device=MI300"], "did you mean 'MI300X'?"),
     (["model.vocab_size=200"], "model.vocab_size (200) must be > the largest token of dataset.kind 'stdlib' (256)"),
 ]
 

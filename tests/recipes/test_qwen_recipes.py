@@ -81,3 +81,23 @@ def test_every_recipe_dry_runs_with_its_published_parameter_count(name: str) -> 
     assert "phase boundary" in text and "dist. total" in text
     if name in PUBLISHED_PARAMETERS:
         assert f"parameters           {PUBLISHED_PARAMETERS[name]:,} " in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_recipe_fits_its_documented_target(name: str) -> None:
+    """Each recipe's ``plan.`` is its target hardware and rank count, named in its docstring, and the
+    planner fits it there (steady state and construction); ``tiny`` targets this machine's CPU."""
+    from anneal.cli.dry_run import world_sizes
+    from anneal.planner import plan
+
+    cfg = RECIPES[name]()
+    if cfg.plan.device != "auto":
+        doc = " ".join(RECIPES[name].__doc__.split())
+        assert f"planned for {cfg.plan.world_size} × {cfg.plan.device}" in doc
+        assert world_sizes(cfg) == (cfg.plan.world_size,)  # the dry run plans the target by default
+    else:
+        assert cfg.plan.world_size is None and "on CPU" in RECIPES[name].__doc__  # one rank, this machine
+    p = plan(cfg, cfg.validate().train_samples, [cfg.plan.world_size or 1])
+    (rank,) = p.ranks
+    assert rank.microbatches is not None
+    assert p.target.free is not None and rank.need * p.target.ranks_here <= p.target.free, rank.need / 2**30

@@ -26,9 +26,17 @@ def _run(model: str, backend: str, iters: int) -> list[dict]:
                 f"optimizer.distributed_backend={backend}", "optimizer.bf16=true", f"train.train_iters={iters}",
                 "train.global_batch_size=8", "train.micro_batch_size=4", "model.seq_length=2048",
                 "logger.log_interval=5", "scheduler.lr_warmup_iters=5", f"hydra.run.dir={tmp}", *QUIET]
-        subprocess.run(args, check=True, capture_output=True, env=_env(), cwd=tmp)
+        done = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=tmp)
+        if done.returncode:
+            raise RuntimeError(failure(f"{model} ({backend})", done.returncode, done.stderr))
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "tokens_per_s" in r][1:]  # drop the warm-up window
+
+
+def failure(what: str, code: int, stderr: str, lines: int = 20) -> str:
+    """Why a run failed: its exit code and the end of its stderr (anneal's one-line error comes last)."""
+    tail = "\n".join(stderr.strip().splitlines()[-lines:]) or "(no output on stderr)"
+    return f"bench: the GPU run of {what} exited {code}:\n{tail}"
 
 
 def gpu_figures(iters: int = 40) -> dict[str, Stat]:

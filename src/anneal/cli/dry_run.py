@@ -1,8 +1,9 @@
 """What ``dry_run=true`` prints: the resolved config, the derived schedule and the resource plan.
 
 Nothing is started or allocated: the model is built on the meta device for its parameter shapes.
-The per-rank memory table lays the config's parallel layout (tensor parallel, FSDP2/HSDP) over
-``WORLD_SIZE`` ranks when it is set, else over 1, 8 and 64 data-parallel shards.
+The plan targets ``plan.device`` (an accelerator of ``anneal.devices``, or this machine) and lays the
+config's parallel layout (tensor parallel, FSDP2/HSDP) over ``plan.world_size`` ranks, else
+``WORLD_SIZE`` when it is set, else over 1, 8 and 64 data-parallel shards.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def _exact(samples: float) -> str:
 
 
 def world_sizes(cfg: ConfigContainer) -> tuple[int, ...]:
-    """``WORLD_SIZE`` when set (as under torchrun), else the ranks of 1, 8 and 64 shards of the layout."""
+    """``plan.world_size``, else ``WORLD_SIZE`` when set (as under torchrun), else the ranks of 1, 8 and 64
+    shards of the layout."""
+    if cfg.plan.world_size is not None:
+        return (cfg.plan.world_size,)
     world = os.environ.get("WORLD_SIZE", "")
     if world.isdigit() and int(world) > 0:
         return (int(world),)
@@ -90,7 +94,8 @@ def report_parts(cfg: ConfigContainer, derived: Derived):
     from anneal.data.mix import mix_table  # imports numpy, not torch
 
     yield "\n".join(["# data", mix_table(cfg.dataset, derived, cfg.model.seq_length)])
-    from anneal.planner import plan, plan_table
+    from anneal.plan_report import plan_table
+    from anneal.planner import plan
 
     yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, world_sizes(cfg)), cfg)])
     from anneal.resume_preview import preview  # with a checkpoint to resume: the decision and its figure

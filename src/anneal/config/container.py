@@ -8,6 +8,7 @@ from anneal.config.dataset import DatasetConfig
 from anneal.config.derive import Derived, derive
 from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
+from anneal.config.plan import PlanConfig
 from anneal.config.provenance import UserSet
 from anneal.config.ranges import check_ranges
 from anneal.config.runtime import (CheckpointConfig, CompileConfig, DistributedConfig, LoggerConfig,
@@ -32,6 +33,7 @@ class ConfigContainer:
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     rng: RNGConfig = field(default_factory=RNGConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     dry_run: bool = False  # print the resolved config, derived schedule and plan; train nothing
 
     def validate(self, user_set: UserSet | None = None) -> Derived:
@@ -51,7 +53,7 @@ class ConfigContainer:
         check_types(self)
         check_ranges(self)
         for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
-                        self.checkpoint, self.logger, self.profiling, self.dist, self.compile, self.rng):
+                        self.checkpoint, self.logger, self.profiling, self.dist, self.compile, self.rng, self.plan):
             section.validate()
         self._check_engine()
         known = self.dataset.known_max_token()

@@ -85,6 +85,8 @@ RANGES: dict[str, Range] = {
     "DistributedConfig.timeout_minutes": Range(0, 24 * 60, low_open=True),
     "DistributedConfig.data_parallel_replicate_degree": POSITIVE_INT,
     "RNGConfig.seed": Range(0, 2**63, high_open=True, text="in [0, 2**63)"),
+    "PlanConfig.world_size": Range(1, text=">= 1 or null"),
+    "PlanConfig.mfu": Range(0, 1, low_open=True),
 }
 
 
