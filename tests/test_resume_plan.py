@@ -98,3 +98,19 @@ def test_resuming_a_branch_with_another_length_is_refused(tmp_path: Path) -> Non
     _checkpoint(tmp_path / "b", 12, lineage=first.lineage)
     with pytest.raises(ConfigError, match=r"scheduler.anneal_branch_iters \(8\) differs from the branch's own \(6\)"):
         _plan(f"checkpoint.load={parent}", f"checkpoint.save={tmp_path / 'b'}", "scheduler.anneal_branch_iters=8")
+
+
+def test_a_checkpoints_lineage_reads_only_a_metrics_jsonl_and_only_its_records(tmp_path: Path) -> None:
+    """The lineage names files by path (it is data): another file is not read, and lines that are not
+    records are skipped instead of failing the preview."""
+    from anneal.resume_preview import trained_history
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text('{"iteration": 1, "lr": "a secret"}\n')
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iteration": 1, "lr": 0.1}\nnot json\n[2]\n{"iteration": "2", "lr": 0.2}\n'
+                       '{"iteration": 3, "lr": 0.3}\n')
+    meta = {"train": {"iteration": 3}, "lineage": {"kind": "root", "metrics": str(secret)}}
+    assert trained_history(meta) == []
+    meta["lineage"]["metrics"] = str(metrics)
+    assert [r["lr"] for r in trained_history(meta)] == [0.1, 0.3]

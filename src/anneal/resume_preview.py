@@ -77,10 +77,19 @@ def trained_history(meta: dict) -> list[dict]:
 
 
 def _records(path: str | None) -> list[dict]:
-    if not path or not Path(path).is_file():
+    """The lr records of a run's ``metrics.jsonl``, which a checkpoint's lineage names: read only a file of
+    that name, and only the lines that are records with an integer iteration."""
+    if not path or Path(path).name != "metrics.jsonl" or not Path(path).is_file():
         return []
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in records if "lr" in r and "iteration" in r]
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "lr" in record and type(record.get("iteration")) is int:
+            records.append(record)
+    return records
 
 
 def _config_groups(cfg, schedule: Schedule) -> list[dict]:

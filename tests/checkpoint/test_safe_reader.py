@@ -158,3 +158,30 @@ def test_crafted_checkpoint_with_a_regenerated_manifest_is_refused_end_to_end(ck
     assert f"checkpoint.load={ck / 'iter_0000005'}" in line  # the earlier checkpoint still verifies
     assert not marker.exists()
     assert digest(ck) == before
+
+
+def _manifested(directory: Path, state: str) -> Path:
+    """A directory that is an anneal checkpoint as far as ``files.verify`` reads: a manifest and state.json."""
+    directory.mkdir()
+    (directory / files.STATE).write_text(state)
+    files.write_manifest(directory)
+    return directory
+
+
+def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    import json
+
+    secret = tmp_path / "secret"
+    secret.write_text("not the checkpoint's")
+    directory = _manifested(tmp_path / "iter_0000001", "{}")
+    manifest = json.loads((directory / files.MANIFEST).read_text())
+    manifest["files"]["../secret"] = {"bytes": secret.stat().st_size, "crc32": files._crc32(secret)}
+    (directory / files.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"names '\.\./secret', a file outside the checkpoint"):
+        files.verify(directory)
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", '"iteration"'])
+def test_a_state_json_that_is_not_an_object_is_refused(tmp_path: Path, state: str) -> None:
+    with pytest.raises(ConfigError, match=r"state\.json: not a JSON object"):
+        files.verify(_manifested(tmp_path / "iter_0000001", state))

@@ -130,3 +130,38 @@ def test_every_differing_field_is_named_and_unsupported_architectures_are_refuse
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ConfigError, match=r"config.json model_type \('llama'\) must be 'qwen3'"):
         check_pretrained(model_config(True), str(tmp_path))
+
+
+def test_config_json_is_data_its_auto_map_code_is_never_imported(tmp_path: Path, monkeypatch) -> None:
+    """``trust_remote_code`` never: a directory's ``auto_map`` and the code beside it are not imported."""
+    cfg = model_config(True)
+    save_hf(tmp_path, cfg)
+    marker = tmp_path / "imported"
+    (tmp_path / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.syspath_prepend(str(tmp_path))  # even where Python could import it
+    model, optimizer, _ = build(cfg)
+    check_pretrained(cfg, str(tmp_path))
+    load_pretrained(tmp_path, model, optimizer, cfg)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("config, index, error", [
+    ("[1, 2]", None, r"config\.json is not a JSON object"),
+    (None, {"weight_map": {"model.embed_tokens.weight": "../../elsewhere.safetensors"}},
+     r"names '\.\./\.\./elsewhere\.safetensors', not a file of the directory"),
+    (None, {"weight_map": ["model.safetensors"]}, r"has no readable weight_map"),
+])
+def test_crafted_config_or_index_is_refused_naming_the_file(tmp_path: Path, config, index, error: str) -> None:
+    cfg = model_config(True)
+    save_hf(tmp_path, cfg)
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    if index is not None:
+        (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    model, optimizer, _ = build(cfg)
+    with pytest.raises(ConfigError, match=error):
+        check_pretrained(cfg, str(tmp_path))
+        load_pretrained(tmp_path, model, optimizer, cfg)

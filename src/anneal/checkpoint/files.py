@@ -73,6 +73,8 @@ def verify(directory: Path, only: set[str] | None = None) -> dict:
         if only is not None and name not in only:
             continue
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConfigError(f"{manifest_path}: names {name!r}, a file outside the checkpoint (tampered)")
         if not path.is_file():
             raise ConfigError(f"{path}: missing from the checkpoint")
         if path.stat().st_size != entry["bytes"]:
@@ -80,9 +82,12 @@ def verify(directory: Path, only: set[str] | None = None) -> dict:
         if _crc32(path) != entry["crc32"]:
             raise ConfigError(f"{path}: contents differ from the manifest's checksum (corrupted or tampered)")
     try:
-        return json.loads((directory / STATE).read_text())
+        state = json.loads((directory / STATE).read_text())
     except ValueError as error:
         raise ConfigError(f"{directory / STATE}: not valid JSON ({error})") from error
+    if not isinstance(state, dict):
+        raise ConfigError(f"{directory / STATE}: not a JSON object (tampered)")
+    return state
 
 
 def latest(save: Path) -> Path | None:

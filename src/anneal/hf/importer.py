@@ -36,9 +36,12 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{_FIELD} ({directory}) has no config.json: not a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"{_FIELD} ({directory}): config.json is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"{_FIELD} ({directory}): config.json is not a JSON object")
+    return config  # read as data: auto_map and any code beside it are never imported
 
 
 def check_pretrained(cfg: ModelConfig, directory: str | None) -> None:
@@ -51,14 +54,26 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (from the index, or the one file's header)."""
     root = Path(directory)
     if (root / INDEX_FILE).is_file():
-        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
-        return {name: root / file for name, file in weight_map.items()}
+        return _indexed_files(root)
     if not (root / SINGLE_FILE).is_file():
         raise ConfigError(f"{_FIELD} ({directory}) has neither {SINGLE_FILE} nor {INDEX_FILE}")
     from safetensors import safe_open
 
     with safe_open(root / SINGLE_FILE, framework="pt") as handle:
         return dict.fromkeys(handle.keys(), root / SINGLE_FILE)
+
+
+def _indexed_files(root: Path) -> dict[str, Path]:
+    """The index's tensor -> file map, every file a plain name inside ``root``."""
+    try:
+        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+        files = {str(name): root / file for name, file in weight_map.items() if Path(file).name == file}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{_FIELD} ({root}): {INDEX_FILE} has no readable weight_map ({error!r})") from None
+    if len(files) != len(weight_map):
+        outside = next(f for f in weight_map.values() if Path(f).name != f)
+        raise ConfigError(f"{_FIELD} ({root}): {INDEX_FILE} names {outside!r}, not a file of the directory")
+    return files
 
 
 @contextlib.contextmanager
