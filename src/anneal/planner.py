@@ -163,7 +163,8 @@ def bytes_per_parameter(optimizer: OptimizerConfig) -> BytesPerParameter:
         moments = 8  # fp32 m and v
     else:
         moments = 4 if optimizer.sgd_momentum else 0  # fp32 momentum buffer
-    return BytesPerParameter(weights=2 if mixed else 4, grads=4, master=4 if mixed else 0, moments=moments)
+    grads = 2 if mixed and not optimizer.grad_reduce_in_fp32 else 4  # fp32 main grads unless opted out
+    return BytesPerParameter(weights=2 if mixed else 4, grads=grads, master=4 if mixed else 0, moments=moments)
 
 
 def parameter_shapes(model: ModelConfig) -> Shapes:
@@ -222,7 +223,9 @@ def state_bytes(model: ModelConfig, optimizer: OptimizerConfig, dims: ParallelDi
     if not dims.fsdp:
         n = sum(math.prod(shape) for _, shape in shapes)
         owned = -(-n // dims.dp_size) if optimizer.use_distributed_optimizer else n
-        return StateBytes(per.weights * n, per.grads * n, per.state * owned)
+        low_grads = (optimizer.bf16 or optimizer.fp16) and not optimizer.grad_reduce_in_fp32
+        grads = per.grads * n + (4 * owned if low_grads else 0)  # 16-bit grads keep an fp32 copy of the shard
+        return StateBytes(per.weights * n, grads, per.state * owned)
     local = sum(math.prod(local_shape(name, shape, dims.tp_size, tp_rank, dims.dp_shard, shard_rank))
                 for name, shape in shapes)
     return StateBytes(params=4 * local, grads=4 * local, optimizer=per.moments * local)

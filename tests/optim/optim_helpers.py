@@ -104,9 +104,11 @@ def build(dp_group: dist.ProcessGroup | None = None, **overrides):
 
 
 def train(
-    model, optimizer, scheduler, data: list[torch.Tensor], steps: range, rank: int = 0, world: int = 1
+    model, optimizer, scheduler, data: list[torch.Tensor], steps: range, rank: int = 0, world: int = 1,
+    micro: int = 1,
 ) -> list[float]:
-    """Run ``steps`` of the training loop on this rank's slice of each global batch.
+    """Run ``steps`` of the training loop on this rank's slice of each global batch, in ``micro``
+    microbatches (gradients accumulated as anneal's Trainer does).
 
     Returns per step the global loss and the optimizer's pre-clip gradient norm, interleaved as
     ``[loss, norm, loss, norm, ...]`` so that runs compare with one tolerance.
@@ -115,8 +117,11 @@ def train(
     for i in steps:
         local = data[i].chunk(world)[rank]
         optimizer.zero_grad()
-        loss = lm_loss(model, local)
-        optimizer.scale_loss(loss).backward()
+        loss = torch.zeros((), device=local.device)
+        for tokens in local.chunk(micro):
+            micro_loss = lm_loss(model, tokens) / micro
+            optimizer.scale_loss(micro_loss).backward()
+            loss += micro_loss.detach()
         result = optimizer.step()
         if not result.skipped:
             scheduler.step(GLOBAL_BATCH)
@@ -154,6 +159,21 @@ def reference(
         t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step"
     )
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, state_bytes
+
+
+def inf_at_first_element(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook (``param.register_hook``): the gradient backward made, its first element inf."""
+    grad = grad.clone()
+    grad.view(-1)[0] = float("inf")
+    return grad
+
+
+def masters(opt) -> torch.Tensor:
+    """The flat optimizer's fp32 master weights, all of them, in its layout's order (a collective when sharded)."""
+    if opt.dtype == torch.float32:
+        return torch.cat([p.detach().reshape(-1) for p in opt.params]).clone()
+    master = opt.state_dict()["master"]
+    return (master.full_tensor() if hasattr(master, "full_tensor") else master).clone()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

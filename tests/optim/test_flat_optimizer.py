@@ -105,7 +105,7 @@ def test_bf16_casts_the_model_and_keeps_fp32_master_weights_and_state():
     for step in range(4):
         opt.zero_grad()
         lm_loss(model, data[step]).backward()
-        grads = {n: model.get_parameter(n).grad.float().clone() for n in names}
+        grads = {n: opt._grad_views[i].clone() for i, n in enumerate(names)}  # the fp32 main grads
         norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()]))
         result = opt.step()
         torch.testing.assert_close(result.grad_norm, norm, rtol=1e-5, atol=0)
@@ -172,12 +172,16 @@ def test_sgd_state_is_a_momentum_buffer():
     assert set(opt.state_dict()) >= {"momentum_buffer", "layout", "num_updates"}
 
 
-def test_backward_accumulates_straight_into_the_flat_gradient_buffer():
-    model, opt, _ = build(bf16=True)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_backward_accumulates_straight_into_the_flat_gradient_buffer(bf16):
+    model, opt, _ = build(bf16=bf16)
     opt.zero_grad()
     for _ in range(2):  # two microbatches
         lm_loss(model, batches(1)[0]).backward()
-    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(opt.params, opt._grad_views))
+    if bf16:  # the hooks moved each bf16 .grad into the fp32 main grad and freed it
+        assert opt._flat_grad.dtype == torch.float32 and all(p.grad is None for p in opt.params)
+    else:
+        assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(opt.params, opt._grad_views))
     assert opt._flat_grad.abs().sum() > 0
 
 
@@ -192,3 +196,65 @@ def test_grad_norm_of_a_long_buffer_is_accurate_to_fp32():
     norm = opt.step().grad_norm.item()
     exact = torch.linalg.vector_norm(grad.double()).item()
     assert abs(norm - exact) / exact < 1e-6, (norm, exact)
+
+
+MICROBATCHES = 32
+
+
+def _microbatch_grads(model, opt, data: torch.Tensor) -> list[torch.Tensor]:
+    """Each microbatch's gradient on its own (the engine's buffer zeroed before each), as fp32."""
+    grads = []
+    for tokens in data.split(1):
+        opt.zero_grad()
+        opt.scale_loss(lm_loss(model, tokens) / len(data)).backward()
+        grads.append(opt._flat_grad.float().clone())
+    return grads
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_microbatch_gradients_accumulate_in_fp32(precision):
+    # 32 low-precision microbatch gradients accumulated by backward must equal their fp32 sum: a
+    # bf16 (or fp16) accumulation rounds after every add and ends many ulps away.
+    model, opt, _ = build(**{precision: True}, initial_loss_scale=1024.0)
+    data = torch.randint(0, 64, (MICROBATCHES, 17), generator=torch.Generator().manual_seed(3))
+    expected = torch.zeros_like(_microbatch_grads(model, opt, data[:1])[0])
+    for grad in _microbatch_grads(model, opt, data):
+        expected += grad  # the same order backward adds them in
+    opt.zero_grad()
+    for tokens in data.split(1):
+        opt.scale_loss(lm_loss(model, tokens) / len(data)).backward()
+    actual = opt._flat_grad.float()
+    ulp = torch.finfo(model.embedding.weight.dtype).eps * expected.abs()
+    ulps = (actual - expected).abs() / ulp.clamp_min(1e-30)
+    assert torch.isfinite(expected).all() and expected.abs().sum() > 0
+    assert torch.equal(actual, expected), (
+        f"{int((ulps > 0).sum())} of {ulps.numel()} elements differ from the fp32 sum: median "
+        f"{ulps.median().item():.2f}, 99th percentile {ulps.quantile(0.99).item():.1f} {precision} ulps")
+    assert opt._flat_grad.dtype == torch.float32
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+@pytest.mark.parametrize(("precision", "grad_reduce_in_fp32"),
+                         [("fp32", True), ("bf16", True), ("fp16", True), ("bf16", False), ("fp16", False)])
+def test_planner_bytes_are_the_native_engines_real_tensors(distributed, precision, grad_reduce_in_fp32):
+    from anneal.parallel import single_process
+    from anneal.planner import state_bytes
+
+    overrides = {"use_distributed_optimizer": distributed, "grad_reduce_in_fp32": grad_reduce_in_fp32}
+    if precision != "fp32":
+        overrides[precision] = True
+    model, opt, _ = build(**overrides)
+    opt.zero_grad()
+    lm_loss(model, batches(1)[0]).backward()
+    shapes = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    planned = state_bytes(None, config(**overrides), single_process(), shapes=shapes)
+    buffer = opt._flat_grad.untyped_storage().data_ptr()
+    stray = [p.grad for p in model.parameters() if p.grad is not None
+             and p.grad.untyped_storage().data_ptr() != buffer]  # gradients held outside the flat buffer
+    real_grads = opt.grad_bytes() + _bytes(*stray)
+    assert (planned.params, planned.grads, planned.optimizer) == (
+        _bytes(opt._flat_param), real_grads, opt.state_bytes())

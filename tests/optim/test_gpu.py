@@ -1,4 +1,4 @@
-"""CUDA: the native optimizer on a GPU matches the CPU run; Apex, where installed, matches native.
+"""CUDA: the native optimizer's updates on a GPU match fp32 on the CPU; Apex, where installed, matches native.
 
 Skipped without CUDA (and the Apex test without Apex). Not run on the machine that wrote them.
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from optim_helpers import FLAGS, SCHEDULE, TinyLM, batches, build, config, train
+from optim_helpers import FLAGS, SCHEDULE, TinyLM, batches, config, masters, relative_error, train
 
 from anneal.optim import setup_optimizer
 from anneal.optim.apex_backend import apex_available
+
+MICRO = 2  # microbatches per step: a dropped one shows in the update
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -22,13 +24,25 @@ def _cuda_run(steps: int, **overrides) -> tuple[list[float], str]:
     return train(model, opt, sched, [b.cuda() for b in batches(steps)], range(steps)), opt.backend
 
 
-@pytest.mark.parametrize(("bf16", "rel"), [(False, 1e-4), (True, 3e-2)])
-def test_native_optimizer_on_cuda_matches_cpu(bf16, rel):
-    model, opt, sched = build(use_distributed_optimizer=True, bf16=bf16)
-    expected = train(model, opt, sched, batches(4), range(4))
-    losses, backend = _cuda_run(4, use_distributed_optimizer=True, bf16=bf16)
+def _update(steps: int, device: str, **overrides) -> tuple[torch.Tensor, str]:
+    """The fp32 masters' update over ``steps`` of MICRO microbatches each on ``device``, returned on the CPU."""
+    model = TinyLM().to(device)
+    opt, sched = setup_optimizer(config(**overrides), FLAGS, model, schedule=SCHEDULE)
+    before = masters(opt)
+    train(model, opt, sched, [b.to(device) for b in batches(steps)], range(steps), micro=MICRO)
+    return (masters(opt) - before).cpu(), opt.backend
+
+
+# ||update - CPU fp32 update|| / ||CPU fp32 update||: fp32 on CUDA differs only by kernels' rounding; bf16
+# as on the CPU (tests/optim/test_distributed.py measured 0.0096 there), where a no-op step gives 1.0, a
+# doubled lr 0.996 and one microbatch of two dropped 0.82.
+@pytest.mark.parametrize(("bf16", "bound"), [(False, 1e-3), (True, 0.05)])
+def test_native_optimizer_on_cuda_updates_parameters_as_fp32_on_cpu(bf16, bound):
+    expected, _ = _update(4, "cpu", use_distributed_optimizer=True)
+    update, backend = _update(4, "cuda", use_distributed_optimizer=True, bf16=bf16)
     assert backend == "native-zero1"
-    assert losses == pytest.approx(expected, rel=rel)
+    err = relative_error(update, expected)
+    assert err <= bound, f"update relative error {err:.4f} > {bound}"
 
 
 @pytest.mark.skipif(not apex_available(), reason="needs NVIDIA Apex")

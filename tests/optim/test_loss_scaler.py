@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import GLOBAL_BATCH, batches, build, config, lm_loss, reference, train
+from optim_helpers import GLOBAL_BATCH, batches, build, config, inf_at_first_element, lm_loss, reference, train
 
 from anneal.optim import ConstantLossScaler, DynamicLossScaler, build_loss_scaler
 
@@ -45,9 +45,11 @@ def test_build_picks_static_dynamic_or_none():
 def _iteration(model, opt, sched, tokens, poison: bool = False):
     """One iteration of the training loop (as anneal's Trainer): no scheduler step when skipped."""
     opt.zero_grad()
+    weight = model.layers[0].linear_fc1.weight
+    hook = weight.register_hook(inf_at_first_element) if poison else None  # as backward made it
     opt.scale_loss(lm_loss(model, tokens)).backward()
-    if poison:
-        model.layers[0].linear_fc1.weight.grad[0, 0] = float("inf")
+    if hook is not None:
+        hook.remove()
     result = opt.step()
     if not result.skipped:
         sched.step(GLOBAL_BATCH)

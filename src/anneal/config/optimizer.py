@@ -42,6 +42,10 @@ class OptimizerConfig:
     overlap_param_gather: bool = False  # overlap the parameter all-gather with the next forward
     bf16: bool = False  # bf16 mixed precision: bf16 weights, fp32 main grads and master weights
     fp16: bool = False  # fp16 mixed precision with loss scaling
+    # bf16/fp16: accumulate microbatch gradients in an fp32 main-grad buffer and reduce them over data
+    # parallel in fp32, each rank's divided by the data-parallel size first (Megatron-Bridge's
+    # ddp.grad_reduce_in_fp32, forced by Megatron-LM); false keeps them, and their sum, in bf16/fp16
+    grad_reduce_in_fp32: bool = True
     loss_scale: float | None = None  # static loss scale; None means dynamic (fp16 only)
     initial_loss_scale: float = 4294967296.0  # 2**32
     min_loss_scale: float = 1.0  # the dynamic loss scale never drops below this

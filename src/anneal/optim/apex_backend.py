@@ -9,6 +9,10 @@ UNTESTED here: written against Apex's current ``DistributedFusedAdam`` API (``gr
 the machine that built anneal had neither CUDA nor Apex. Its checkpoints hold each rank's bucket
 shards under a per-rank key: they load only on the same number of ranks (Apex's bucketed shard
 layout depends on the world size), unlike ``native-zero1``'s, which reshard N -> M.
+
+``grad_reduce_in_fp32`` (the default) sets Apex's ``grad_sync_dtype`` to fp32: its ``_grad_copy``
+hook adds each bf16/fp16 ``.grad`` into an fp32 gradient bucket (and frees the ``.grad``), so
+microbatches accumulate in fp32, and the reduce-scatter and the shard it accumulates into are fp32.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class ApexOptimizer:
             [{k: v for k, v in g.items() if k != "param_names"} for g in param_groups],
             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
             adam_w_mode=True, weight_decay=config.weight_decay, dtype=torch.float32,
-            grad_sync_dtype=dtype, param_sync_dtype=dtype, process_group=dp_group,
+            grad_sync_dtype=torch.float32 if config.grad_reduce_in_fp32 else dtype,
+            param_sync_dtype=dtype, process_group=dp_group,
             average_grad_sync=True, overlap_grad_sync=config.overlap_grad_reduce,
             overlap_param_sync=config.overlap_param_gather, store_params=dtype != torch.float32,
         )  # fmt: skip

@@ -1,19 +1,27 @@
 """anneal's native optimizer: flat buffers, fused kernels, optional ZeRO-1 sharding over data parallel.
 
 At construction every trainable parameter becomes a view into one flat parameter buffer (in the
-model dtype: fp32, or bf16/fp16, to which the parameters are cast here) and its ``.grad`` a view
-into one flat gradient buffer, so backward accumulates straight into the buffer that is reduced.
-The optimizer keeps fp32 master weights (the parameter buffer itself under fp32) and fp32 state.
+model dtype: fp32, or bf16/fp16, to which the parameters are cast here). Gradients go to one flat
+gradient buffer, the buffer that is reduced: under fp32 each ``.grad`` is a view into it, so
+backward accumulates straight into it. Under bf16/fp16 it is an fp32 main-grad buffer
+(``grad_reduce_in_fp32``, Megatron's ``main_grad``): a hook after each parameter's gradient
+accumulation adds the low-precision ``.grad`` into its fp32 view and frees it, so microbatches
+accumulate and the data-parallel reduction runs in fp32 (with ``grad_reduce_in_fp32=false`` the
+buffer is in the model dtype and ``.grad`` views into it, as under fp32). The optimizer keeps
+fp32 master weights (the parameter buffer itself under fp32) and fp32 state.
 
-``step()``: sum gradients over the data-parallel group; take this rank's shard (everything when
-not sharded); fp16 only: compute the norm, sync once to check it is finite, update the loss
+``step()``: sum gradients over the data-parallel group (fp32 main grads are divided by the group
+size first, as Megatron does, so the sum cannot grow with it); take this rank's shard (everything
+when not sharded); fp16 only: compute the norm, sync once to check it is finite, update the loss
 scale and skip on overflow; clip by the global norm; update each param group's slice with the
 fused kernel (``grad_scale`` folds averaging, unscaling and clipping into it); copy fp32 masters
 back to low-precision parameters; share updated shards with all ranks.
 
-Use ``optimizer.zero_grad()`` (it zeroes the flat buffer). After ``model.zero_grad()`` or any
-other replacement of ``.grad`` the next step copies the new gradients back into the buffer. Do
-not move or cast the model after building the optimizer: its parameters are views of the buffer.
+Use ``optimizer.zero_grad()`` (it zeroes the flat buffer; with fp32 main grads it is the only
+thing that does, as Megatron's ``zero_grad_buffer``: ``model.zero_grad()`` finds no ``.grad``). A
+``.grad`` that is not the optimizer's (after ``model.zero_grad()``, or set by hand) is copied into
+the buffer at the next step, replacing that parameter's gradient. Do not move or cast the model after building the
+optimizer: its parameters are views of the buffer.
 
 Why a flat-buffer ZeRO-1 of our own (measured here, 50M fp32 parameters, 2 gloo ranks on 2 CPU
 cores): FSDP2 ``fully_shard`` wraps the model and gathers parameters in every forward and
@@ -57,9 +65,11 @@ class FlatOptimizer:
         loss_scaler: LossScaler | None = None,
         dp_group: dist.ProcessGroup | None = None,
         sharded: bool = False,
+        grad_reduce_in_fp32: bool = True,
     ) -> None:
         self.update = update
         self.dtype = dtype
+        self.main_grads = grad_reduce_in_fp32 and dtype != torch.float32  # fp32 grads of bf16/fp16 params
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
         self.sharded = sharded
@@ -74,14 +84,16 @@ class FlatOptimizer:
         self._flat_param, self._master = _flatten_parameters(
             self.params, self.layout, dtype, device, dp_group
         )
-        self._flat_grad = torch.zeros(self.layout.padded, dtype=dtype, device=device)
+        grad_dtype = torch.float32 if self.main_grads else dtype
+        self._flat_grad = torch.zeros(self.layout.padded, dtype=grad_dtype, device=device)
         self._param_views, self._grad_views = _bind_views(
-            self.params, self.layout, self._flat_param, self._flat_grad
+            self.params, self.layout, self._flat_param, self._flat_grad, bind_grads=not self.main_grads
         )
+        self._hooks = _accumulate_into_main_grads(self.params, self._grad_views) if self.main_grads else []
         size = self.layout.shard_size
         self._state = {n: torch.zeros(size, dtype=torch.float32, device=device) for n in update.state_names}
         self._grad32 = (
-            None if dtype == torch.float32 else torch.zeros(size, dtype=torch.float32, device=device)
+            None if grad_dtype == torch.float32 else torch.zeros(size, dtype=torch.float32, device=device)
         )
         self._segments = self.layout.segments()
         self._steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in self._segments]
@@ -98,11 +110,9 @@ class FlatOptimizer:
 
     def describe(self) -> str:
         shard = f"state sharded over {self.world_size} ranks" if self.sharded else "state replicated"
-        mp = (
-            "fp32"
-            if self.dtype == torch.float32
-            else f"{str(self.dtype).removeprefix('torch.')} params, fp32 master"
-        )
+        low = str(self.dtype).removeprefix("torch.")
+        grads = "fp32 main grads and reduction" if self.main_grads else f"{low} grads and reduction"
+        mp = "fp32" if self.dtype == torch.float32 else f"{low} params, fp32 master, {grads}"
         return (
             f"{self.backend}: fused {self.update.name} over {self.layout.total:,} parameters in "
             f"{len(self.param_groups)} groups, one flat buffer, {mp}; dp world {self.world_size}, {shard}, "
@@ -120,15 +130,25 @@ class FlatOptimizer:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss if self.loss_scaler is None else loss * self.loss_scaler.scale
 
+    def grad_bytes(self) -> int:
+        """Bytes of gradients this rank holds: the flat buffer (fp32 main grads under bf16/fp16 unless
+        ``grad_reduce_in_fp32=false``), and then also the fp32 copy of its shard that the update reads."""
+        tensors = [self._flat_grad] + ([] if self._grad32 is None else [self._grad32])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def zero_grad(self) -> None:
         self._flat_grad.zero_()
         self._adopt_grads(copy=False)
 
     def step(self) -> StepResult:
         self._adopt_grads(copy=True)
+        world = float(self.world_size)
+        if self.main_grads and self.world_size > 1:
+            self._flat_grad.div_(world)  # average before the sum, in fp32 (Megatron)
+            world = 1.0
         comm.reduce_gradients(self._flat_grad, self.layout, self.dp_group, self.sharded)
         grads = self._shard_grads()
-        denom = float(self.world_size) * self._loss_scale()
+        denom = world * self._loss_scale()
         need_norm = self.clip_grad > 0 or self.loss_scaler is not None
         grad_norm = self._global_norm(grads) / denom if need_norm else self._zero_norm
         if self.loss_scaler is not None and overflowed(self.loss_scaler, grad_norm):
@@ -158,7 +178,17 @@ class FlatOptimizer:
         return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
 
     def _adopt_grads(self, copy: bool) -> None:
-        """Point every ``.grad`` back at its buffer view (copying in a gradient that replaced it)."""
+        """Point every ``.grad`` back at its buffer view (copying in a gradient that replaced it).
+
+        With fp32 main grads ``.grad`` stays None: the accumulation hooks moved backward's gradients
+        into the buffer already, and a ``.grad`` found here was set by hand.
+        """
+        if self.main_grads:
+            for param, view in zip(self.params, self._grad_views):
+                if copy and param.grad is not None:
+                    view.copy_(param.grad)
+                param.grad = None
+            return
         for param, view in zip(self.params, self._grad_views):
             grad = param.grad
             if grad is not None and grad.data_ptr() == view.data_ptr():
@@ -301,15 +331,34 @@ def _flatten_parameters(
 
 
 def _bind_views(
-    params: list[torch.Tensor], layout: FlatLayout, flat_param: torch.Tensor, flat_grad: torch.Tensor
+    params: list[torch.Tensor],
+    layout: FlatLayout,
+    flat_param: torch.Tensor,
+    flat_grad: torch.Tensor,
+    *,
+    bind_grads: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Make each parameter (and its ``.grad``) a view into the flat buffers."""
+    """Make each parameter (and, with ``bind_grads``, its ``.grad``) a view into the flat buffers."""
     param_views, grad_views = [], []
     for param, offset in zip(params, layout.offsets):
         sl = slice(offset, offset + param.numel())
         param_view, grad_view = flat_param[sl].view_as(param), flat_grad[sl].view_as(param)
         param.data = param_view
-        param.grad = grad_view
+        param.grad = grad_view if bind_grads else None
         param_views.append(param_view)
         grad_views.append(grad_view)
     return param_views, grad_views
+
+
+def _accumulate_into_main_grads(params: list[torch.Tensor], main_grads: list[torch.Tensor]) -> list[Any]:
+    """After backward accumulates a parameter's low-precision ``.grad``, add it to its fp32 main grad
+    and free it (Megatron's grad-accumulation hook): microbatches then add up in fp32."""
+
+    def hook_for(main_grad: torch.Tensor):
+        def accumulate(param: torch.Tensor) -> None:
+            main_grad.add_(param.grad)
+            param.grad = None
+
+        return accumulate
+
+    return [p.register_post_accumulate_grad_hook(hook_for(g)) for p, g in zip(params, main_grads)]

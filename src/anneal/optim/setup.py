@@ -12,8 +12,9 @@ Backends (``optimizer.backend`` names what runs; the launcher prints ``optimizer
 
 Mixed precision: on the native engine, with ``bf16`` / ``fp16`` this function casts the model's
 parameters to that dtype (in place, keeping fp32 master copies inside the optimizer); the caller
-does not cast the model. On PyTorch's engine the parameters stay fp32 and FSDP2 casts its
-gathered compute copy.
+does not cast the model. Gradients accumulate and are reduced in fp32 unless
+``grad_reduce_in_fp32=false`` (native and Apex). On PyTorch's engine the parameters stay fp32 and
+FSDP2 casts its gathered compute copy; its gradients are fp32 whatever ``grad_reduce_in_fp32`` says.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def build_optimizer(
         loss_scaler=loss_scaler,
         dp_group=dp_group,
         sharded=backend == "native",
+        grad_reduce_in_fp32=config.grad_reduce_in_fp32,
     )
 
 
@@ -133,6 +135,9 @@ def build_fsdp2_optimizer(config: OptimizerConfig, groups: list[dict[str, Any]],
     for name in ("overlap_grad_reduce", "overlap_param_gather"):
         if getattr(config, name):
             logger.info("optimizer.%s: FSDP2 overlaps its collectives with compute already", name)
+    if dtype != torch.float32 and not config.grad_reduce_in_fp32:
+        logger.warning("optimizer.grad_reduce_in_fp32=false is not honoured by FSDP2: its gradients are "
+                       "fp32 shards of fp32 parameters, reduced in fp32 (MixedPrecisionPolicy.reduce_dtype)")
     return FSDP2Optimizer(groups, update=build_update_rule(config), clip_grad=config.clip_grad,
                           weight_decay=config.weight_decay, layout=layout.describe(), compute_dtype=dtype,
                           loss_scaler=build_loss_scaler(config), tp_partial=tp_partial_parameters(model, layout),
