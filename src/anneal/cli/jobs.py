@@ -110,7 +110,7 @@ def check_sweep(overrides: list[str], config_name: str = "config", config_dir: s
     jobs, swept_keys = _expand(overrides)
     for number, job in enumerate(jobs):
         try:
-            checked(compose(job, config_name, config_dir))
+            checked(compose(job, config_name, config_dir), resolve=False)
         except ConfigError as error:
             swept = " ".join(o for o in job if o.split("=", 1)[0] in swept_keys)
             raise ConfigError(f"{error} (sweep job #{number}: {swept})") from error

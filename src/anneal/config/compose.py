@@ -68,12 +68,17 @@ def instantiate(cfg: DictConfig) -> ConfigContainer:
     return container
 
 
-def checked(cfg: DictConfig) -> DictConfig:
+def checked(cfg: DictConfig, *, resolve: bool = True) -> DictConfig:
     """A copy with every interpolation resolved and every ``_target_`` checked against its field's class,
-    before any module a target names is imported or any constructor runs (``anneal.config.trust``)."""
+    before any module a target names is imported or any constructor runs (``anneal.config.trust``).
+
+    ``resolve=False`` (a sweep, before Hydra runs its jobs: ``${hydra:...}`` resolves only inside a job)
+    checks the targets written in the config; each job checks its resolved config again when it starts.
+    """
     cfg = copy.deepcopy(cfg)
     try:
-        OmegaConf.resolve(cfg)
+        if resolve:
+            OmegaConf.resolve(cfg)
     except Exception as error:  # an interpolation that names nothing, or a resolver that fails
         raise ConfigError(f"cannot resolve the config: {_first_line(error)}") from error
     check_targets(cfg, ConfigContainer)
