@@ -94,9 +94,21 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(diverged, precisi
     assert latest is not None, "no checkpoint was kept"
     assert f"checkpoint.load={files.iter_dir(run / 'ckpt', latest)}" in line
     assert "Traceback" not in result.stderr
-    # Everything saved is finite and loads: resume from it at a sane lr (train.train_iters=latest + 1).
-    assert check.returncode == 0, check.stderr[-2000:]
-    assert f"resumed from {files.iter_dir(run / 'ckpt', latest)}" in check.stdout
+    # Everything saved loads: a resume at a sane lr (train.train_iters=latest + 1) takes it. Its one step
+    # may still overflow: after lr 1e4 the finite weights can be large enough that the next forward is
+    # not (it depends on the CPU's kernels), and then it stops as a divergence at that step, nothing lost.
+    saved = files.iter_dir(run / "ckpt", latest)
+    assert f"resumed from {saved}" in check.stdout, check.stderr[-2000:]
+    stopped = _error_lines(check.stderr)
+    assert check.returncode == 0 or (check.returncode == 1 and len(stopped) == 1 and
+                                     f"from iteration {latest + 1} " in stopped[0]), check.stderr[-2000:]
+    # ... and is finite: every weight, read back through the exporter's loader.
+    from safetensors.torch import load_file
+
+    from anneal.hf.exporter import export_checkpoint
+
+    weights = load_file(export_checkpoint(saved, run.parent / "hf", max_shard_bytes=10**10).written[0])
+    assert weights and all(bool(t.float().isfinite().all()) for t in weights.values())
 
 
 def test_divergence_is_found_at_the_same_iteration_on_every_rank(tmp_path: Path) -> None:
