@@ -26,7 +26,7 @@ def test_misspelled_key_fails_in_one_line_naming_the_likely_key() -> None:
     out = run_cli("scheduler.lr_warmup_itres=10", "dry_run=true")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "anneal: error: scheduler.lr_warmup_itres is not a config key; did you mean scheduler.lr_warmup_iters?"]
+        "anneal: error: scheduler.lr_warmup_itres is not a config key; did you mean scheduler.lr_warmup_iters=10?"]
     assert "Traceback" not in out.stderr
 
 

@@ -84,5 +84,5 @@ def test_a_misspelled_key_in_a_sweep_is_one_line_before_any_job_starts(tmp_path)
     out = run_cli("-m", "optimizer.lrr=1e-3,3e-3", "dry_run=true", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip() == ("anneal: error: optimizer.lrr is not a config key; did you mean "
-                                  "optimizer.lr? (sweep job #0: optimizer.lrr=0.001)")
+                                  "optimizer.lr=0.001? (sweep job #0: optimizer.lrr=0.001)")
     assert not (tmp_path / "multirun").exists()

@@ -28,19 +28,23 @@ def compose(overrides: list[str], config_name: str = "config", config_dir: str |
     ``hydra.*`` overrides shape the ``hydra`` node, which is checked (``anneal.config.trust``) and then
     dropped: what Hydra itself would instantiate for the run is refused here, before it hands over.
     """
+    try:
+        return _without_hydra(_hydra_compose(overrides, config_name, config_dir))
+    except ConfigError:
+        raise
+    except Exception as error:  # Hydra raises several unrelated types; all are user input here
+        raise _explain(error, overrides, config_name, config_dir) from error
+
+
+def _hydra_compose(overrides: list[str], config_name: str, config_dir: str | None) -> DictConfig:
+    """Hydra's composition with its ``hydra`` node; Hydra's own errors, unexplained."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
 
     init = (initialize_config_dir(config_dir=config_dir, version_base=None) if config_dir
             else initialize_config_module(CONF_MODULE, version_base=None))
     with init:
-        try:
-            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        except Exception as error:  # Hydra raises several unrelated types; all are user input here
-            failure = error
-        else:
-            return _without_hydra(cfg)
-    raise _explain(failure, overrides, config_name, config_dir) from failure  # outside: it composes again
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
 
 
 def _without_hydra(cfg: DictConfig) -> DictConfig:
@@ -173,10 +177,11 @@ def _explain(error: Exception, overrides: list[str], config_name: str, config_di
     if match := unknown or re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text):
         key = match.group(1)
         parent, _, leaf = key.rpartition(".")
-        names = _keys_at(parent, overrides, config_name, config_dir)
+        names = _keys_at(parent, [o for o in overrides if _key_of(o) != key], config_name, config_dir)
         hint = closest(leaf, names) if names else None
-        suggestion = f"; did you mean {parent + '.' if parent else ''}{hint}?" if hint else ""
-        return ConfigError(f"{key} is not a config key{suggestion}")
+        value = next((o.split("=", 1)[1] for o in overrides if _key_of(o) == key and "=" in o), None)
+        shown = f"{parent + '.' if parent else ''}{hint}" + (f"={value}" if value is not None else "")
+        return ConfigError(f"{key} is not a config key" + (f"; did you mean {shown}?" if hint else ""))
     if match := re.search(r"Could not find '([^']+)/([^']+)'", text):
         group, option = match.groups()
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
@@ -188,14 +193,19 @@ def _explain(error: Exception, overrides: list[str], config_name: str, config_di
 
 
 def _keys_at(parent: str, overrides: list[str], config_name: str, config_dir: str | None) -> list[str]:
-    """Keys under ``parent`` in the config composed with only the group choices of ``overrides``."""
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0].lstrip("+~")]
+    """Keys under ``parent`` in the config composed with only the group choices of ``overrides`` (one
+    composition, unexplained: a failing one gives no keys rather than explaining itself again)."""
+    groups = [o for o in overrides if "=" in o and "." not in _key_of(o)]
     try:
-        node = compose(groups, config_name, config_dir)
-    except ConfigError:
+        node = _hydra_compose(groups, config_name, config_dir)
+    except Exception:  # Hydra's errors: no hint then
         return []
     node = OmegaConf.select(node, parent) if parent else node
-    return [str(k) for k in node.keys() if k not in _HYDRA_KEYS] if isinstance(node, DictConfig) else []
+    return [str(k) for k in node.keys() if k not in _HYDRA_KEYS | {"hydra"}] if isinstance(node, DictConfig) else []
+
+
+def _key_of(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _first_line(error: BaseException) -> str:
