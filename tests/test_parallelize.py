@@ -140,6 +140,25 @@ def _layouts_match_one_process_and_the_planner(rank: int, world: int) -> None:
                 err = relative_error(update, native[dtype][pname])
                 assert err <= LAYOUT[dtype], (name, dtype, pname, err)
             _check_planner(model, optimizer, dims, dtype)
+            if dtype == "fp32":  # the TP partial sums in one all-reduce, then the norm's: none per parameter
+                assert _all_reduces_in_a_step(optimizer) == 1 + (dims.tp_size > 1), name
+
+
+def _all_reduces_in_a_step(optimizer) -> int:
+    import torch.distributed as dist
+
+    calls, real = [], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].numel())
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counted  # the optimizer calls dist.all_reduce at each use
+    try:
+        optimizer.step()
+    finally:
+        dist.all_reduce = real
+    return len(calls)
 
 
 def _check_planner(model, optimizer, dims, dtype: str) -> None:

@@ -6,10 +6,12 @@ arrive reduce-scattered and averaged over data parallel, in fp32. This class add
 step on top, with the same update kernels (``update_rules``) and the same rules:
 
 - tensor parallel: the gradients of the per-head q/k norms are partial sums on each TP rank
-  (``anneal.parallelize.tp_partial_parameters``); they are summed over the ``tp`` group first;
+  (``anneal.parallelize.tp_partial_parameters``); they are summed over the ``tp`` group first, all
+  of them in one all-reduce;
 - the global gradient norm counts every element once: each rank's squared sum of a shard is
   divided by the number of ranks holding that same shard (HSDP replicas, TP for replicated
-  tensors), then one all-reduce over all ranks;
+  tensors), then one all-reduce over all ranks; the per-shard norms are one multi-tensor kernel on
+  CUDA (``anneal.optim.norms.l2_norms``);
 - fp16: the norm's one host sync finds inf/NaN, the step is skipped and the scale backs off;
 - clipping and unscaling are folded into the fused kernel's ``grad_scale`` (Megatron's coefficient).
 
@@ -30,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from anneal.optim.base import StepResult, grad_scale, overflowed
 from anneal.optim.loss_scaler import LossScaler
-from anneal.optim.norms import l2_norm
+from anneal.optim.norms import l2_norms
 from anneal.optim.param_groups import with_defaults
 from anneal.optim.update_rules import UpdateRule
 
@@ -113,18 +115,19 @@ class FSDP2Optimizer:
         return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
 
     def _local_grads(self) -> list[torch.Tensor]:
-        """Each parameter's local gradient (zeros for an unused one), TP partial sums completed."""
-        grads = []
-        for param in self.params:
-            grad = _local(param.grad) if param.grad is not None else torch.zeros_like(_local(param))
-            if id(param) in self._tp_partial and self._tp_group is not None:
-                dist.all_reduce(grad, group=self._tp_group)
-            grads.append(grad)
+        """Each parameter's local gradient (zeros for an unused one), TP partial sums completed in one
+        all-reduce over ``tp`` for all of them."""
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.params]
+        partial = [g for p, g in zip(self.params, grads) if id(p) in self._tp_partial]
+        if partial and self._tp_group is not None:
+            _all_reduce_coalesced(partial, self._tp_group)
         return grads
 
     def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """L2 norm of the (still loss-scaled) gradients, every element counted once across all ranks."""
-        squares = [l2_norm(g).square() / r for g, r in zip(grads, self._replicas) if g.numel()]
+        kept = [(g, r) for g, r in zip(grads, self._replicas) if g.numel()]
+        norms = l2_norms([g for g, _ in kept])
+        squares = [n.square() / r for n, (_, r) in zip(norms, kept)]
         total = torch.stack(squares).sum() if squares else self._zero_norm.clone()
         if self._norm_group is not None:
             dist.all_reduce(total, group=self._norm_group)
@@ -166,6 +169,14 @@ class FSDP2Optimizer:
         if self.loss_scaler is not None and "loss_scaler" in state_dict:
             self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
         self.num_skipped = int(state_dict.get("num_skipped", 0))
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Sum ``tensors`` over ``group`` in place with one collective (one flat copy of them)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(part.view_as(tensor))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -23,3 +23,12 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     if full < flat.numel():
         parts.append(torch.linalg.vector_norm(flat[full:], dtype=torch.float32).reshape(1))
     return torch.linalg.vector_norm(torch.cat(parts))
+
+
+def l2_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor, as 0-dim fp32 tensors: one fused multi-tensor kernel on CUDA
+    (``torch._foreach_norm``, a parallel reduction, as ``clip_grad_norm_`` uses), block norms elsewhere
+    (the CPU kernels accumulate serially, see above)."""
+    if tensors and tensors[0].is_cuda:
+        return [n.float() for n in torch._foreach_norm(tensors)]
+    return [l2_norm(t) for t in tensors]
