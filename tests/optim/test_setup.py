@@ -27,6 +27,31 @@ def test_auto_falls_back_to_native_without_apex_and_explicit_apex_is_an_error():
         select_backend(config(use_distributed_optimizer=True, distributed_backend="apex"))
 
 
+def test_auto_never_picks_apex_and_says_when_it_could_run(monkeypatch, caplog):
+    """Apex has not run under a GPU test here: ``auto`` keeps native-zero1 even where Apex would import,
+    and the start-up log names the setting that would use it."""
+    monkeypatch.setattr("anneal.optim.setup.apex_available", lambda: True)
+    auto = config(use_distributed_optimizer=True, distributed_backend="auto")
+    with caplog.at_level(logging.INFO, logger="anneal.optim"):
+        assert select_backend(auto, on_cuda=True, group_backend="nccl") == "native"
+        assert select_backend(auto, on_cuda=False, group_backend="gloo") == "native"
+    notes = [r.getMessage() for r in caplog.records if "Apex is available" in r.getMessage()]
+    assert len(notes) == 1 and "optimizer.distributed_backend=apex" in notes[0]
+
+
+@pytest.mark.parametrize("on_cuda, group, error", [
+    (False, None, r"needs the parameters on a CUDA device"),
+    (True, "gloo", r"needs an NCCL process group, not 'gloo'"),
+])
+def test_explicit_apex_runs_only_on_cuda_parameters_over_nccl(monkeypatch, on_cuda, group, error):
+    monkeypatch.setattr("anneal.optim.setup.apex_available", lambda: True)
+    apex = config(use_distributed_optimizer=True, distributed_backend="apex")
+    with pytest.raises(ConfigError, match=r"^optimizer\.distributed_backend \('apex'\) " + error):
+        select_backend(apex, on_cuda=on_cuda, group_backend=group)
+    assert select_backend(apex, on_cuda=True, group_backend="nccl") == "apex"
+    assert select_backend(apex, on_cuda=True, group_backend=None) == "apex"  # one process: a one-rank group
+
+
 def test_apex_is_never_imported_on_a_machine_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

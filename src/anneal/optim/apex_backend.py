@@ -44,6 +44,14 @@ def apex_available() -> bool:
     return True
 
 
+def _one_rank_group() -> dist.ProcessGroup:
+    """The default group, made here as one NCCL rank on one process: DistributedFusedAdam needs a group
+    (``process_group=None`` means the default one, which a single process has not built)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    return dist.group.WORLD
+
+
 class ApexOptimizer:
     backend = "apex"
 
@@ -58,6 +66,7 @@ class ApexOptimizer:
     ) -> None:
         from apex.contrib.optimizers.distributed_fused_adam import DistributedFusedAdam
 
+        dp_group = dp_group if dp_group is not None else _one_rank_group()
         self.clip_grad = config.clip_grad
         self.loss_scaler = loss_scaler
         self.num_skipped = 0

@@ -4,9 +4,11 @@ Backends (``optimizer.backend`` names what runs; the launcher prints ``optimizer
 
 - ``use_distributed_optimizer=false``: ``torch-adamw-fused`` / ``torch-sgd-fused``: anneal's flat
   optimizer with state replicated on every data-parallel rank (gradients all-reduced in step).
-- ``use_distributed_optimizer=true``: ``apex`` (Apex's DistributedFusedAdam) when
-  ``distributed_backend`` is ``apex``, or ``auto`` with Apex importable and CUDA present;
-  otherwise ``native-zero1``: the flat optimizer with state and fp32 masters sharded (ZeRO-1).
+- ``use_distributed_optimizer=true``: ``native-zero1``, the flat optimizer with state and fp32
+  masters sharded (ZeRO-1); ``apex`` (Apex's DistributedFusedAdam) only when ``distributed_backend``
+  is ``apex``, with CUDA parameters on an NCCL group (or one process). ``auto`` picks native: Apex has
+  not yet run under a GPU test here, so it is never chosen silently; when it could run, the start-up
+  log says so and names ``optimizer.distributed_backend=apex``.
 - PyTorch's engine (a ``layout`` with ``fsdp``, the model already through ``anneal.parallelize``):
   ``fsdp2-adamw`` / ``fsdp2-sgd``, per-parameter state sharded as FSDP2 shards the parameters.
 
@@ -63,7 +65,7 @@ def setup_optimizer(
     if layout is not None and layout.fsdp:
         optimizer = build_fsdp2_optimizer(optimizer_config, groups, model, layout, dtype)
     else:
-        backend = select_backend(optimizer_config)
+        backend = select_backend(optimizer_config, on_cuda=_on_cuda(model), group_backend=_group_backend(dp_group))
         _warn_unhonoured(optimizer_config, backend)
         _cast_frozen_parameters(model, dtype)
         optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
@@ -80,24 +82,46 @@ def model_dtype(config: OptimizerConfig) -> torch.dtype:
     return torch.float16 if config.fp16 else torch.float32
 
 
-def select_backend(config: OptimizerConfig) -> str:
-    """``replicated``, ``native`` (ZeRO-1) or ``apex``; an explicit ``apex`` that cannot run is an error."""
+def select_backend(config: OptimizerConfig, *, on_cuda: bool = False, group_backend: str | None = None) -> str:
+    """``replicated``, ``native`` (ZeRO-1) or ``apex``; an explicit ``apex`` that cannot run is an error.
+
+    ``on_cuda``: the parameters are on a CUDA device; ``group_backend``: the data-parallel group's
+    backend (``nccl``, ``gloo``), None on one process without a group.
+    """
     if not config.use_distributed_optimizer:
         return "replicated"
     choice = config.distributed_backend
-    if choice == "apex" and config.optimizer != "adam":
-        raise ConfigError(
-            f"optimizer.distributed_backend ('apex') runs only optimizer.optimizer 'adam', not {config.optimizer!r}"
-        )
-    if choice == "apex" and not apex_available():
-        raise ConfigError(
-            "optimizer.distributed_backend ('apex') needs CUDA and NVIDIA Apex "
-            "(apex.contrib.optimizers.distributed_fused_adam), which are not available here; "
-            "use 'auto' or 'native'"
-        )
-    if choice == "apex" or (choice == "auto" and config.optimizer == "adam" and apex_available()):
+    if choice == "apex":
+        _check_apex(config, on_cuda, group_backend)
         return "apex"
+    if choice == "auto" and config.optimizer == "adam" and on_cuda and group_backend in (None, "nccl") \
+            and apex_available():
+        logger.info("optimizer: NVIDIA Apex is available; optimizer.distributed_backend=apex runs its "
+                    "DistributedFusedAdam (auto keeps native-zero1 until Apex has run under a GPU test)")
     return "native"
+
+
+def _check_apex(config: OptimizerConfig, on_cuda: bool, group_backend: str | None) -> None:
+    field = "optimizer.distributed_backend ('apex')"
+    if config.optimizer != "adam":
+        raise ConfigError(f"{field} runs only optimizer.optimizer 'adam', not {config.optimizer!r}")
+    if not apex_available():
+        raise ConfigError(f"{field} needs CUDA and NVIDIA Apex (apex.contrib.optimizers.distributed_fused_adam), "
+                          "which are not available here; use 'auto' or 'native'")
+    if not on_cuda:
+        raise ConfigError(f"{field} needs the parameters on a CUDA device (dist.device), not on the CPU")
+    if group_backend not in (None, "nccl"):
+        raise ConfigError(f"{field} needs an NCCL process group, not {group_backend!r} (dist.backend)")
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
+
+
+def _group_backend(dp_group: dist.ProcessGroup | None) -> str | None:
+    if dp_group is None and not dist.is_initialized():
+        return None
+    return str(dist.get_backend(dp_group)).lower()
 
 
 def build_optimizer(
