@@ -4,6 +4,8 @@ shards, fp32 accumulation of bf16 microbatches, compile."""
 
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import pytest
@@ -130,7 +132,11 @@ def _layouts_match_one_process_and_the_planner(rank: int, world: int) -> None:
         err = _update_error(native[dtype], native["fp32"])
         assert err <= NATIVE_VS_FP32, (dtype, err)
         for name, kwargs in LAYOUTS.items():
-            dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, **kwargs), "cpu")
+            with warnings.catch_warnings(record=True) as caught:  # no private mesh API, no deprecation
+                warnings.simplefilter("always")
+                dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, **kwargs), "cpu")
+                assert dims.dp_group is not None and dist.get_rank(dims.dp_group) == dims.dp_rank
+            assert not [str(w.message) for w in caught if "mesh" in str(w.message).lower()], name
             model, optimizer = _build(dims, dtype)
             norms = _train(model, optimizer, dp=(dims.dp_rank, dims.dp_size))
             assert norms == pytest.approx(ref_norms, rel=rel), (name, dtype)

@@ -50,6 +50,9 @@ class ParallelDims:
     dp_replicate: int = 1  # HSDP replicas (dist.data_parallel_replicate_degree)
     fsdp: bool = False  # PyTorch's engine: FSDP2 over the data-parallel dimensions
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)  # once a process group exists
+    # PyTorch's engine: the data-parallel group (dp_replicate × dp_shard, one per tp rank), built with
+    # torch.distributed's public subgroups rather than a flattened mesh dimension
+    dp_process_group: ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     @property
     def dp_shard(self) -> int:
@@ -65,6 +68,10 @@ class ParallelDims:
         """The data-parallel process group (gradients, loss average); None for a single rank."""
         if self.dp_size == 1:
             return None
+        if self.fsdp:
+            if self.dp_process_group is None:
+                raise RuntimeError("ParallelDims: no data-parallel group; call with_mesh once the group exists")
+            return self.dp_process_group
         return self._mesh("dp").get_group()
 
     @property
@@ -128,14 +135,33 @@ def with_mesh(dims: ParallelDims, device_type: str) -> ParallelDims:
 
     if not dims.fsdp:
         mesh = init_device_mesh(device_type, (dims.dp_size,), mesh_dim_names=DIM_NAMES)
-    else:
-        shape = (dims.dp_replicate, dims.dp_shard, dims.tp_size)
-        mesh = init_device_mesh(device_type, shape, mesh_dim_names=TORCH_DIM_NAMES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")  # the data-parallel group: loss average, sampler
-    if mesh["dp"].get_local_rank() != dims.dp_rank:
-        raise RuntimeError(f"DeviceMesh puts rank {dims.rank} at dp rank {mesh['dp'].get_local_rank()}, "
-                           f"the layout at {dims.dp_rank}")
-    return dataclasses.replace(dims, mesh=mesh)
+        return _checked(dataclasses.replace(dims, mesh=mesh))
+    shape = (dims.dp_replicate, dims.dp_shard, dims.tp_size)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=TORCH_DIM_NAMES)
+    return _checked(dataclasses.replace(dims, mesh=mesh, dp_process_group=_dp_subgroup(dims)))
+
+
+def _dp_subgroup(dims: ParallelDims) -> ProcessGroup | None:
+    """This rank's data-parallel group: the ranks of its tp index (tp is innermost), in dp order."""
+    if dims.dp_size == 1:
+        return None
+    import torch.distributed as dist
+
+    groups = [list(range(t, dims.world_size, dims.tp_size)) for t in range(dims.tp_size)]
+    group, _ = dist.new_subgroups_by_enumeration(groups)
+    return group
+
+
+def _checked(dims: ParallelDims) -> ParallelDims:
+    """``dims`` once its data-parallel group agrees with the layout's dp rank."""
+    group = dims.dp_group
+    if group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank(group) != dims.dp_rank:
+            raise RuntimeError(f"the data-parallel group puts rank {dims.rank} at dp rank "
+                               f"{dist.get_rank(group)}, the layout at {dims.dp_rank}")
+    return dims
 
 
 def single_process() -> ParallelDims:
