@@ -26,7 +26,7 @@ def plan_table(p: Plan, cfg: ConfigContainer) -> str:
         f"seq {cfg.model.seq_length})",
         f"FLOPs / iteration    {p.flops_per_iteration:.3e} (forward + backward; "
         f"{p.flops_per_run:.3e} for the run)",
-        *(_torch_lines(p, cfg) if cfg.dist.use_torch_fsdp2 else _native_lines(p, cfg)),
+        *(_torch_lines(p, cfg) if cfg.torch_engine else _native_lines(p, cfg)),
         *_fit_lines(p, cfg),
     ]
     return "\n".join(lines)

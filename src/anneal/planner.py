@@ -333,7 +333,7 @@ def config_layout(cfg: ConfigContainer, world_size: int) -> ParallelDims | None:
     if world_size % (tp * replicate):
         return None
     return ParallelDims(world_size=world_size, rank=0, dp_size=world_size // tp, dp_rank=0, tp_size=tp,
-                        dp_replicate=replicate, fsdp=cfg.dist.use_torch_fsdp2)
+                        dp_replicate=replicate, fsdp=cfg.torch_engine)
 
 
 def rank_memory(cfg: ConfigContainer, dims: ParallelDims, shapes: Shapes, kernel: str) -> RankMemory:
@@ -473,7 +473,7 @@ def ranks_to_fit(cfg: ConfigContainer, world_size: int, shapes: Shapes, room: fl
 
 def candidates(cfg: ConfigContainer, world_size: int) -> Iterator[tuple[str, ConfigContainer]]:
     """Single changes that save memory, cheapest first, as (command-line overrides, changed config)."""
-    m, fsdp = cfg.model, cfg.dist.use_torch_fsdp2
+    m, fsdp = cfg.model, cfg.torch_engine
     if m.recompute_granularity is None:
         yield ("model.recompute_granularity=selective",
                _with(cfg, model={"recompute_granularity": "selective"}))

@@ -52,7 +52,10 @@ RULES = [
     (["dist.backend=mpi"], "dist.backend ('mpi')"),
     (["dist.backend=nccl", "dist.device=cpu"], "dist.backend ('nccl') needs dist.device"),
     (["rng.seed=-1"], "rng.seed (-1)"),
-    (["model.tensor_model_parallel_size=2"], "model.tensor_model_parallel_size (2) needs dist.use_torch_fsdp2=true"),
+    (["model.tensor_model_parallel_size=2", "optimizer=distributed_fused_adam"],
+     "model.tensor_model_parallel_size (2) runs on PyTorch's engine, and it and optimizer.use_distributed_optimizer"),
+    (["model.tensor_model_parallel_size=4"],
+     "model.num_query_groups (2) must be divisible by model.tensor_model_parallel_size (4)"),
     (["dist.use_torch_fsdp2=true", "optimizer=distributed_fused_adam"],
      "dist.use_torch_fsdp2 (True) and optimizer.use_distributed_optimizer (True) both shard the optimizer state"),
     (["dist.use_torch_fsdp2=true", "model.tensor_model_parallel_size=4"],
@@ -124,3 +127,11 @@ def test_a_misspelled_group_name_composes_twice_and_suggests_the_corrected_overr
     with pytest.raises(ConfigError, match=r"^schedular is not a config key; did you mean scheduler=wsd\?$"):
         load(["schedular=wsd", "dry_run=true"])
     assert calls["n"] <= 2, calls
+
+
+def test_tensor_parallel_alone_runs_on_pytorchs_engine_with_a_note(compose) -> None:
+    cfg = compose("model.tensor_model_parallel_size=2")
+    notes = cfg.validate().notes
+    assert cfg.torch_engine and not cfg.dist.use_torch_fsdp2  # the config keeps what the user wrote
+    assert [n for n in notes if n.startswith("model.tensor_model_parallel_size=2 runs on PyTorch's engine")]
+    assert not compose().torch_engine and not any("engine" in n for n in compose().validate().notes)

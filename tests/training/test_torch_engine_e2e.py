@@ -82,8 +82,9 @@ def fsdp2(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
 
 @pytest.fixture(scope="module")
 def tensor_parallel(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """TP 2 set alone: it turns PyTorch's engine on by itself (no dist.use_torch_fsdp2 given)."""
     tmp = tmp_path_factory.mktemp("tp2")
-    return tmp / "ckpt", _trained(tmp / "run", *FSDP2, "model.tensor_model_parallel_size=2",
+    return tmp / "ckpt", _trained(tmp / "run", "model.tensor_model_parallel_size=2",
                                   f"checkpoint.save={tmp / 'ckpt'}", nproc=2)
 
 

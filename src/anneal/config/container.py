@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from anneal.config.dataset import DatasetConfig
@@ -36,6 +37,12 @@ class ConfigContainer:
     plan: PlanConfig = field(default_factory=PlanConfig)
     dry_run: bool = False  # print the resolved config, derived schedule and plan; train nothing
 
+    @property
+    def torch_engine(self) -> bool:
+        """PyTorch's engine runs (README: Scaling): ``dist.use_torch_fsdp2``, or tensor parallel, which runs
+        only there (DTensor, with FSDP2 over data parallel), as torchtitan runs TP with a shard degree of 1."""
+        return self.dist.use_torch_fsdp2 or self.model.tensor_model_parallel_size > 1
+
     def validate(self, user_set: UserSet | None = None) -> Derived:
         """Check types, ranges, every section, then the rules across sections; return the derived values.
 
@@ -62,18 +69,24 @@ class ConfigContainer:
                               f"dataset.kind {self.dataset.kind!r} ({known})")
         self.dataset.check_against(self.model.vocab_size, getattr(self.scheduler, "lr_decay_style", None),
                                    eval_interval=self.train.eval_interval if self.train.eval_iters else None)
-        return derive(self.train, self.optimizer, self.scheduler, user_set)
+        derived = derive(self.train, self.optimizer, self.scheduler, user_set)
+        tp = self.model.tensor_model_parallel_size
+        if tp > 1 and not self.dist.use_torch_fsdp2:
+            note = (f"model.tensor_model_parallel_size={tp} runs on PyTorch's engine (as dist.use_torch_fsdp2="
+                    "true): tensor parallel over DTensor, FSDP2 over the data-parallel ranks")
+            derived = dataclasses.replace(derived, notes=(*derived.notes, note))
+        return derived
 
     def _check_engine(self) -> None:
         """The rules between the parallel layout and the optimizer (the world size is checked at launch)."""
-        tp, fsdp = self.model.tensor_model_parallel_size, self.dist.use_torch_fsdp2
-        if tp > 1 and not fsdp:
-            raise ConfigError(f"model.tensor_model_parallel_size ({tp}) needs dist.use_torch_fsdp2=true: tensor "
-                              "parallel runs on PyTorch's engine (DTensor, with FSDP2 over data parallel)")
-        if fsdp and self.optimizer.use_distributed_optimizer:
-            raise ConfigError("dist.use_torch_fsdp2 (True) and optimizer.use_distributed_optimizer (True) both "
-                              "shard the optimizer state; FSDP2 shards it already: set "
-                              "optimizer.use_distributed_optimizer=false")
+        if not (self.torch_engine and self.optimizer.use_distributed_optimizer):
+            return
+        engine = ("dist.use_torch_fsdp2 (True) and optimizer.use_distributed_optimizer (True) both shard"
+                  if self.dist.use_torch_fsdp2 else
+                  f"model.tensor_model_parallel_size ({self.model.tensor_model_parallel_size}) runs on "
+                  "PyTorch's engine, and it and optimizer.use_distributed_optimizer (True) both shard")
+        raise ConfigError(f"{engine} the optimizer state; FSDP2 shards it already: set "
+                          "optimizer.use_distributed_optimizer=false")
 
 
 def check_world(train: TrainingConfig, data_parallel_size: int) -> int:

@@ -50,7 +50,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
     """Train; return the exit code (``anneal.exits``). Errors propagate after the process group is gone."""
     # The parallel layout, checked before any process group or model exists; every consumer reads it.
     layout = plan_layout(cfg.train, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
-                         tp=cfg.model.tensor_model_parallel_size, fsdp=cfg.dist.use_torch_fsdp2,
+                         tp=cfg.model.tensor_model_parallel_size, fsdp=cfg.torch_engine,
                          replicate=cfg.dist.data_parallel_replicate_degree)
     from anneal.planner import check_fits  # the plan's memory against the device's free memory
 
