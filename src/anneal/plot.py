@@ -12,6 +12,8 @@ matplotlib is imported when a plot is drawn, never at import.
 from __future__ import annotations
 
 import csv
+import logging
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +29,7 @@ PHASE_COLORS = {"warmup": "#fde0c5", "stable": "#d8ecd4", "constant": "#d8ecd4",
 OTHER_PHASE_COLOR = "#e6ddf0"  # a torch schedule's main phase, named after its class
 # A torch scheduler steps in 5-8 µs: 300k iterations take 1.5-2.5 s to preview, 1M iterations 5-8 s.
 TORCH_PREVIEW_MAX_ITERS = 1_000_000
+TITLE_WIDTH = 120  # characters on one line of a schedule figure's title (13 inches at 12 pt)
 
 
 @dataclass(frozen=True)
@@ -154,16 +157,24 @@ def torch_curve(schedule: TorchSchedule, ramp: BatchRamp, train_iters: int, *, l
 
 
 def write_csv(curves: Sequence[Curve], path: Path) -> Path:
-    """One row per plotted point: config, iteration, consumed samples and tokens before it, lr, wd, phase."""
+    """One row per plotted point: config, iteration, consumed samples and tokens before it, lr, wd, phase.
+    ``config`` is left out when no curve has a label, ``consumed_tokens`` when none knows its sequence
+    length."""
+    columns = ["config", "iteration", "consumed_samples", "consumed_tokens", "lr", "weight_decay", "phase"]
+    if not any(c.label for c in curves):
+        columns.remove("config")
+    if all(c.seq_length is None for c in curves):
+        columns.remove("consumed_tokens")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["config", "iteration", "consumed_samples", "consumed_tokens", "lr", "weight_decay",
-                         "phase"])
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
         for c in curves:
             for k, steps, lr, wd in zip(c.iterations, c.samples, c.lr, c.wd):
                 tokens = "" if c.seq_length is None else steps * c.seq_length
-                writer.writerow([c.label, k, steps, tokens, repr(lr), repr(wd), c.phase_at(steps)])
+                writer.writerow({"config": c.label, "iteration": k, "consumed_samples": steps,
+                                 "consumed_tokens": tokens, "lr": repr(lr), "weight_decay": repr(wd),
+                                 "phase": c.phase_at(steps)})
     return path
 
 
@@ -171,12 +182,18 @@ def plot_schedules(curves: Sequence[Curve], path: Path, title: str = "") -> Path
     """PNG: lr (top) and wd (bottom) against iterations (left) and consumed samples (right).
 
     The first curve's phases are shaded and listed in the legend below; the other curves' phase
-    boundaries are dashed lines in their colour.
+    boundaries are dashed lines in their colour. With several curves, their legend sits below the
+    panels too (inside one it would cover a curve or a phase's name); a long title wraps.
     """
     plt = _pyplot()
     from matplotlib.ticker import EngFormatter
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex="col", sharey="row", height_ratios=[3, 1])
+    title_lines = textwrap.wrap(title or "planned learning rate and weight decay", TITLE_WIDTH) or [""]
+    legend_rows = max(len(curves) if len(curves) > 1 else 0, len(curves[0].phases) if len(curves) > 1
+                      else -(-len(curves[0].phases) // 2)) + 1  # + the legend's title
+    top_in, bottom_in = 0.75 + 0.25 * len(title_lines), 0.7 + 0.17 * legend_rows  # margins, inches
+    height = 5.4 + top_in + bottom_in  # the panels keep their size whatever the margins hold
+    fig, axes = plt.subplots(2, 2, figsize=(13, height), sharex="col", sharey="row", height_ratios=[3, 1])
     reference = curves[0]
     for col, unit in enumerate(("iteration", "samples")):
         for row, values in enumerate(("lr", "wd")):
@@ -195,23 +212,29 @@ def plot_schedules(curves: Sequence[Curve], path: Path, title: str = "") -> Path
     axes[1][0].set_ylabel("weight decay")
     axes[0][0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if len(curves) > 1:
-        axes[0][1].legend(loc="best", fontsize=8)
-    shaded = f"shaded: the phases of {reference.label}" if len(curves) > 1 else None
-    _phase_legend(fig, reference.phases, shaded)
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower left", bbox_to_anchor=(0.07, 0.01),
+                   fontsize=8, frameon=False, title="curves", title_fontsize=8, alignment="left")
+        _phase_legend(fig, reference.phases, f"shaded: the phases of {reference.label}", ncol=1,
+                      loc="lower right", anchor=(0.98, 0.01))
+    else:
+        _phase_legend(fig, reference.phases, None, ncol=min(len(reference.phases), 2), loc="lower center",
+                      anchor=(0.5, 0.01))
     _notes(axes[0][0], curves)
-    fig.suptitle(title or "planned learning rate and weight decay")
+    fig.suptitle("\n".join(title_lines), y=1 - 0.2 / height, va="top")
     # fixed margins: tight_layout would draw the figure once more (half the time of a 300k-iteration plot)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.17, hspace=0.08, wspace=0.05)
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - top_in / height, bottom=bottom_in / height,
+                        hspace=0.08, wspace=0.05)
     return _save(fig, path)
 
 
 def plot_run(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: int, path: Path,
-             applied: Sequence[dict] = (), title: str = "") -> Path:
+             applied: Sequence[dict] = (), title: str = "", *, seq_length: int | None = None) -> Path:
     """PNG of the planned schedule over ``train_iters`` iterations, with ``applied`` points drawn over it,
-    and a CSV of the planned points beside it. ``schedule`` is the one in force after a resume
-    (``scheduler.schedule``), not the config's, so the two agree under use-checkpoint, branch or extend."""
+    and a CSV of the planned points beside it (``consumed_tokens`` when ``seq_length`` is given).
+    ``schedule`` is the one in force after a resume (``scheduler.schedule``), not the config's, so the
+    two agree under use-checkpoint, branch or extend."""
     plt = _pyplot()
-    c = curve(schedule, ramp, train_iters)
+    c = curve(schedule, ramp, train_iters, seq_length=seq_length)
     fig, (ax_lr, ax_wd) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[3, 1])
     _shade(ax_lr, c.phases, "iteration", labels=True)
     ax_lr.plot(c.iterations, c.lr, label="planned lr", color="C0")
@@ -235,12 +258,25 @@ def plot_run(schedule: Schedule | TorchSchedule, ramp: BatchRamp, train_iters: i
 
 
 def _pyplot():
+    # A first import in a fresh environment builds matplotlib's font cache and logs "generated new
+    # fontManager" at INFO, which a run's log (INFO and up) would carry: keep only its warnings.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def output_path(name: str, folder: str = "") -> Path:
+    """Where a figure goes when no path is given: Hydra's run directory when launched through Hydra,
+    else ``outputs/<folder>/<name>`` under the working directory (git ignores ``outputs/``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir) / name
+    return Path("outputs") / folder / name
 
 
 def _save(fig, path: Path) -> Path:
@@ -300,14 +336,15 @@ def _notes(ax, curves: Sequence[Curve]) -> None:
                 bbox={"boxstyle": "round", "facecolor": "#fff6d5", "edgecolor": "0.6"})
 
 
-def _phase_legend(fig, spans: Sequence[Phase], title: str | None) -> None:
+def _phase_legend(fig, spans: Sequence[Phase], title: str | None, *, ncol: int, loc: str,
+                  anchor: tuple[float, float]) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=PHASE_COLORS.get(p.name, OTHER_PHASE_COLOR),
                      label=f"{p.name}: iterations {p.start_iteration:,}–{p.end_iteration:,}, "
                      f"samples {p.start_samples:,.0f}–{p.end_samples:,.0f}")
                for p in spans]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2), fontsize=8, frameon=False,
+    fig.legend(handles=handles, loc=loc, bbox_to_anchor=anchor, ncol=ncol, fontsize=8, frameon=False,
                title=title, title_fontsize=8)
 
 

@@ -141,3 +141,79 @@ def test_a_branch_in_the_warmup_is_refused(tmp_path: Path) -> None:
     result = run_cli("scheduler=wsd", "scheduler.lr_warmup_iters=30", "--branch", "10:5",
                      "--out", str(tmp_path / "x.png"), script="plot_schedule.py")
     assert result.returncode == 2 and "is in the warmup" in result.stderr
+
+
+def _drawn_figure(monkeypatch):
+    """The figure ``plot_schedules`` saves, kept open for its layout to be measured."""
+    import anneal.plot
+
+    figures = []
+    monkeypatch.setattr(anneal.plot, "_save", lambda fig, path: figures.append(fig) or path)
+    return figures
+
+
+def test_two_compares_without_base_overrides_draw_exactly_two_curves(tmp_path: Path, capsys) -> None:
+    main(["--compare", "scheduler=wsd", "--compare", "scheduler=cosine", "--out", str(tmp_path / "c.png")])
+    assert capsys.readouterr().out.strip().endswith("(2 configurations)")
+    with (tmp_path / "c.csv").open() as f:
+        labels = list(dict.fromkeys(r["config"] for r in csv.DictReader(f)))
+    assert labels == ["scheduler=wsd", "scheduler=cosine"]
+
+
+def test_legends_and_a_long_title_stay_inside_the_figure_off_the_panels(tmp_path: Path, monkeypatch) -> None:
+    figures = _drawn_figure(monkeypatch)
+    overrides = ["scheduler=wsd", "train.train_iters=100000", "scheduler.lr_warmup_iters=2000",  # a title of
+                 "scheduler.lr_wsd_decay_iters=10000", "scheduler.lr_wsd_decay_style=linear"]  # 169 characters
+    main([*overrides, "--branch", "20000:2000", "--branch", "40000:4000", "--branch", "80000:8000", "--out",
+          str(tmp_path / "b.png")])
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no legend inside a panel
+    assert len(fig.legends) == 2  # the curves and the phases, below the panels
+    curves, shaded = (legend.get_window_extent(renderer) for legend in fig.legends)
+    assert not curves.overlaps(shaded)
+    for box in (curves, shaded):
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y0 >= page.y0
+        assert not any(box.overlaps(panel) for panel in panels)
+    title = fig._suptitle.get_window_extent(renderer)
+    assert page.x0 <= title.x0 and title.x1 <= page.x1 and title.y1 <= page.y1, (title, page)
+
+
+def test_default_output_goes_to_outputs_not_the_working_directory(tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["train.train_iters=50", "--points", "0"])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "outputs/schedules/schedule.csv", "outputs/schedules/schedule.png"]
+    assert "wrote outputs/schedules/schedule.png" in capsys.readouterr().out
+
+
+def test_run_schedule_csv_has_no_column_left_empty(compose, tmp_path: Path) -> None:
+    from anneal.plot import plot_run
+
+    cfg, d = _derived(compose, "scheduler=wsd", "train.train_iters=40")
+    png = plot_run(d.schedule, d.ramp, d.train_iters, tmp_path / "schedule.png",
+                   seq_length=cfg.model.seq_length)
+    with png.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert all(all(value != "" for value in row.values()) for row in rows)
+    assert int(rows[-1]["consumed_tokens"]) == int(rows[-1]["consumed_samples"]) * cfg.model.seq_length
+    png = plot_run(d.schedule, d.ramp, d.train_iters, tmp_path / "bare.png")  # no sequence length known
+    header = png.with_suffix(".csv").read_text().splitlines()[0]
+    assert header == "iteration,consumed_samples,lr,weight_decay,phase"
+
+
+def test_a_first_plot_keeps_matplotlibs_font_cache_message_out_of_the_log(monkeypatch, caplog) -> None:
+    import logging
+
+    from anneal.plot import _pyplot
+
+    _pyplot()
+    from matplotlib import font_manager
+
+    monkeypatch.setattr(font_manager, "json_dump", lambda *args: None)  # the user's cache file stays as it is
+    caplog.set_level(logging.INFO)  # a run's log takes INFO and up
+    font_manager._load_fontmanager(try_read_cache=False)  # what a fresh environment's first import does
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("matplotlib")]

@@ -84,3 +84,24 @@ def test_sidecar_records_the_tokenizer(tmp_path: Path, tokenizer_file: Path) -> 
     assert record["tokenizer"]["sha256"] == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     assert (record["documents"], record["tokens"]) == (3, IndexedDataset(tmp_path / "h").num_tokens)
     assert "model.vocab_size=384" in result.stdout  # Megatron's padding to a multiple of 128
+
+
+def test_a_hub_id_reads_the_tokenizer_from_the_offline_cache(tmp_path: Path, tokenizer_file: Path,
+                                                             monkeypatch) -> None:
+    from hf_cache import add_repo, offline_hub
+
+    hub = offline_hub(monkeypatch, tmp_path / "home")  # HF_HOME and HF_HUB_OFFLINE=1, inherited by the script
+    snapshot = add_repo(hub, "Tiny-Org/Tok", tokenizer_file.parent)
+    result = _run("--input", str(_jsonl(tmp_path)), "--json-key", "content",
+                  "--output-prefix", str(tmp_path / "h"), "--tokenizer", "Tiny-Org/Tok")
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(tmp_path / "h")
+    expected = _expected(HFTokenizer(tokenizer_file), DOCUMENTS)
+    assert [dataset.get(i).tolist() for i in range(len(dataset))] == expected
+    recorded = json.loads((tmp_path / "h.json").read_text())["tokenizer"]
+    assert recorded["path"] == str(snapshot / "tokenizer.json")  # the snapshot's name, not its blob's
+    missing = _run("--input", str(_jsonl(tmp_path)), "--output-prefix", str(tmp_path / "m"),
+                   "--tokenizer", "Qwen/Qwen3-0.6B")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("anneal: error: --tokenizer-file ('Qwen/Qwen3-0.6B') is neither a dir")
+    assert str(hub) in missing.stderr and "HF_HUB_OFFLINE is set" in missing.stderr

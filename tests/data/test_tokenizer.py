@@ -87,3 +87,18 @@ def test_add_bos_token_prepends_bos_once(tmp_path: Path, tokenizer_file: Path) -
 def test_directory_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^--tokenizer-file .*has no tokenizer.json"):
         HFTokenizer(tmp_path)
+
+
+def test_a_hub_id_is_read_from_the_cache_and_a_missing_one_refused_offline(tmp_path: Path,
+                                                                          tokenizer_file: Path,
+                                                                          monkeypatch) -> None:
+    from hf_cache import add_repo, offline_hub
+
+    hub = offline_hub(monkeypatch, tmp_path / "home")
+    snapshot = add_repo(hub, "Tiny-Org/Tok", tokenizer_file.parent)
+    tokenizer = load_tokenizer("Tiny-Org/Tok")
+    assert tokenizer.file == snapshot / "tokenizer.json" and tokenizer.encode("the fox") == \
+        load_tokenizer(tokenizer_file).encode("the fox")
+    refusal = r"^--tokenizer-file \('Tiny-Org/Other'\) is neither a directory nor a hub id in .*HF_HUB_OFFLINE"
+    with pytest.raises(ConfigError, match=refusal):
+        load_tokenizer("Tiny-Org/Other")

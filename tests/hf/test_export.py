@@ -113,3 +113,37 @@ def test_the_command_exits_2_with_one_line_for_a_bad_checkpoint(tmp_path: Path, 
         main([str(tmp_path / "absent"), str(tmp_path / "hf")])
     assert leaving.value.code == 2
     assert "CHECKPOINT (" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+def test_every_exported_file_gets_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    cfg = model_config(True)
+    save_checkpoint(tmp_path / "ck", build(cfg), cfg)
+    previous = os.umask(0o027)
+    try:
+        export_checkpoint(tmp_path / "ck", tmp_path / "hf", max_shard_bytes=40_000)  # shards and an index
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert len(modes) > 4 and INDEX_FILE in modes
+    assert modes == dict.fromkeys(modes, 0o640), modes  # safetensors alone writes 0600
+
+
+def test_a_byte_level_run_exports_no_tokenizer_and_says_why_in_one_note(tmp_path: Path, capsys) -> None:
+    from anneal.data.metadata import write_metadata
+    from anneal.data.tokenizer import ByteTokenizer
+    from anneal.hf.cli import main
+
+    prefix = tmp_path / "corpus_text_document"
+    write_metadata(prefix, tokenizer=ByteTokenizer().describe(), stats={"documents": 1})
+    cfg = model_config(True)
+    save_checkpoint(tmp_path / "ck", build(cfg), cfg, {"dataset": {"data_path": [str(prefix)]}})
+    main([str(tmp_path / "ck"), str(tmp_path / "hf")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("anneal: note:")] == [
+        "anneal: note: no tokenizer written: the run's data uses anneal's byte tokenizer (ids 0-255 are "
+        "UTF-8 bytes, 256 ends a document), which has no tokenizer file: decode generated ids with "
+        "bytes(i for i in ids if i < 256).decode('utf-8', 'replace')"]
+    assert lines[-1].endswith(": model.safetensors, config.json, generation_config.json")  # all it wrote

@@ -130,3 +130,18 @@ def test_a_model_that_differs_from_config_json_is_refused_before_training(tmp_pa
     assert result.returncode == 2, result.stderr[-3000:]
     assert "model.hidden_size (48) differs from config.json hidden_size (64)" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_hub_id_from_the_offline_cache_is_checked_before_training(tmp_path: Path, monkeypatch) -> None:
+    """``checkpoint.pretrained_checkpoint=org/name`` through the launcher: the cached snapshot's config.json
+    is read (and here refused) before anything is built; nothing is downloaded (HF_HUB_OFFLINE=1)."""
+    from hf_cache import add_repo, offline_hub
+
+    hub = offline_hub(monkeypatch, tmp_path / "home")  # the launcher inherits HF_HOME and HF_HUB_OFFLINE
+    save_hf(tmp_path / "hf_in", model_config(True))
+    add_repo(hub, "Tiny-Org/Qwen3-Tiny", tmp_path / "hf_in")
+    wrong = model_config(True, hidden_size=48)
+    result = _pretrain(tmp_path, 1, *overrides(wrong), "checkpoint.pretrained_checkpoint=Tiny-Org/Qwen3-Tiny")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "model.hidden_size (48) differs from config.json hidden_size (64)" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -6,8 +6,9 @@ phases shaded, to a PNG and a CSV of the same points. A ``torch.optim.lr_schedul
 (``scheduler=multistep``, ``onecycle``, ...) is drawn by stepping the real torch scheduler every
 iteration; ReduceLROnPlateau's is flat after the warmup, with a note that it follows the validation loss:
 
-    anneal-plot-schedule recipe=qwen3_4b                                  # schedule.png, schedule.csv
+    anneal-plot-schedule recipe=qwen3_4b                  # outputs/schedules/schedule.png and .csv
     anneal-plot-schedule recipe=qwen3_4b --compare scheduler=cosine       # a second curve on top
+    anneal-plot-schedule --compare scheduler=wsd --compare scheduler=cosine   # two curves, no base one
     anneal-plot-schedule -m recipe=qwen3_4b scheduler.lr_wsd_decay_style=minus_sqrt,linear,exponential
     anneal-plot-schedule recipe=tiny --out plots/tiny.png --points 0      # every iteration in the CSV
     anneal-plot-schedule scheduler=wsd train.train_iters=100000 --branch 20000:2000 --branch 40000:4000
@@ -15,7 +16,8 @@ iteration; ReduceLROnPlateau's is flat after the warmup, with a note that it fol
 ``--branch N:K`` adds an anneal branch of the first curve: from iteration N, a K-iteration anneal
 (``scheduler.anneal_branch_iters=K`` from that checkpoint), drawn from N on.
 
-``--compare "A B"`` adds a curve composed from the base overrides plus ``A B``; ``-m`` expands Hydra
+``--compare "A B"`` adds a curve composed from the base overrides plus ``A B`` (with no base overrides,
+the ``--compare`` curves are the only ones); ``-m`` expands Hydra
 sweeps (``a,b``, ``range(...)``) into one curve per combination, drawn on the same plot.
 """
 
@@ -43,15 +45,20 @@ def main(argv: list[str] | None = None) -> None:
         curves += [load_branch(runs[0][1], text, args.points) for text in args.branch]
     except ConfigError as error:
         fail(error)
-    from anneal.plot import plot_schedules, write_csv
+    from anneal.plot import output_path, plot_schedules, write_csv
 
-    png = plot_schedules(curves, Path(args.out), title=args.title or _title(runs))
+    out = Path(args.out) if args.out else output_path("schedule.png", "schedules")
+    png = plot_schedules(curves, out, title=args.title or _title(runs))
     table = write_csv(curves, png.with_suffix(".csv"))
-    print(f"wrote {png} and {table} ({len(curves)} configuration{'s' if len(curves) > 1 else ''})")
+    print(f"wrote {png} and {table} ({_count(len(runs), 'configuration')}"
+          f"{', ' + _count(len(args.branch), 'branch') if args.branch else ''})")
 
 
 def expand(overrides: list[str], compare: list[str], *, multirun: bool) -> list[tuple[str, list[str]]]:
-    """(label, overrides) for every curve: each sweep combination (``-m``), then each ``--compare``."""
+    """(label, overrides) for every curve: each sweep combination (``-m``), then each ``--compare``.
+    Without base overrides, ``--compare`` curves are the only ones: ``--compare A --compare B`` draws two."""
+    if compare and not overrides:
+        return [(extra, shlex.split(extra)) for extra in compare]
     choices = _sweep_choices(overrides)
     swept = [i for i, options in enumerate(choices) if len(options) > 1]
     if swept and not multirun:
@@ -109,6 +116,10 @@ def _sweep_choices(overrides: list[str]) -> list[list[str]]:
     return choices
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('h') else 's'}"
+
+
 def _title(runs: list[tuple[str, list[str]]]) -> str:
     if len(runs) == 1:
         return f"planned lr and weight decay: {runs[0][0]}"
@@ -125,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--branch", action="append", default=[], metavar="N:K",
                         help="an anneal branch of the first curve from iteration N over K iterations; repeatable")
     parser.add_argument("-m", "--multirun", action="store_true", help="one curve per combination of sweeps")
-    parser.add_argument("--out", default="schedule.png",
-                        help="PNG path; the CSV goes next to it (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="PNG path; the CSV goes next to it (default: outputs/schedules/schedule.png)")
     parser.add_argument("--points", type=int, default=2000,
                         help="iterations sampled per curve, phase boundaries added; 0: every iteration "
                              "(default: %(default)s)")

@@ -40,9 +40,11 @@ class CheckpointConfig:
         if self.finetune:
             raise ConfigError(f"checkpoint.pretrained_checkpoint ({path!r}) and checkpoint.finetune (True) both "
                               "name the starting weights; set one")
-        if not isinstance(path, str) or not os.path.isdir(path):
+        from anneal.hf.hub import looks_like_hub_id  # imports nothing: a hub id is read when the run starts
+
+        if not isinstance(path, str) or not (os.path.isdir(path) or looks_like_hub_id(path)):
             raise ConfigError(f"checkpoint.pretrained_checkpoint ({path!r}) must be a Hugging Face model "
-                              "directory (config.json and model.safetensors)")
+                              "directory (config.json and model.safetensors) or a hub id (org/name)")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Both expose ``document(text) -> list[int]`` (the tokens of one document, ending in the end-of-document id),
 ``vocab_size``, ``eod``, ``bos`` and ``describe()`` (what the metadata sidecar records). A Hugging Face
-tokenizer is a ``tokenizer.json`` file or a directory holding one; a directory's ``tokenizer_config.json``
+tokenizer is a ``tokenizer.json`` file, a directory holding one, or a hub id (``Qwen/Qwen3-0.6B``: that
+repository's snapshot in ``huggingface_hub``'s cache, see ``anneal.hf.hub``); a directory's
+``tokenizer_config.json``
 (or ``special_tokens_map.json``) names its EOS and BOS tokens, as ``transformers`` reads them. Documents are
 encoded with the tokenizer's own special tokens (its post-processor: Llama 3 puts its BOS first), BOS is
 prepended when the config says ``add_bos_token`` and the post-processor did not, and EOS is appended unless
@@ -13,6 +15,7 @@ is imported only when a tokenizer is loaded.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +26,7 @@ from anneal.errors import ConfigError
 # Tried in order when no end-of-document token is named: GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma.
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_FIELD = "--tokenizer-file"
 
 
 class Tokenizer(Protocol):
@@ -57,12 +61,15 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer read from a local ``tokenizer.json`` or directory (no network)."""
+    """A Hugging Face fast tokenizer from a ``tokenizer.json``, a directory or a hub id's cached snapshot."""
 
     def __init__(self, path: str | Path, *, eod_token: str | None = None) -> None:
         import tokenizers  # lazily: only preprocessing with a tokenizer needs it
 
-        self.file, config = _tokenizer_files(Path(path))
+        from anneal.hf.hub import resolve_model_dir  # imports huggingface_hub only for a hub id
+
+        directory = resolve_model_dir(path, _FIELD, files=("tokenizer.json", *_CONFIG_FILES))
+        self.file, config = _tokenizer_files(directory)
         self._tokenizer = tokenizers.Tokenizer.from_file(str(self.file))
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size = max(self._tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -91,7 +98,8 @@ class HFTokenizer:
         return ids if ids and ids[-1] == self.eod else [*ids, self.eod]
 
     def describe(self) -> dict:
-        return {"type": "huggingface", "path": str(self.file.resolve()), "sha256": file_sha256(self.file),
+        # absolute, symlinks kept: a hub cache's snapshot links its tokenizer.json to blobs/<sha256>
+        return {"type": "huggingface", "path": os.path.abspath(self.file), "sha256": file_sha256(self.file),
                 "vocab_size": self.vocab_size, "eod_id": self.eod, "bos_id": self.bos,
                 "eod_token": self.eod_token, "bos_token": self.bos_token, "add_bos": self.add_bos}
 
@@ -108,8 +116,8 @@ def _tokenizer_files(path: Path) -> tuple[Path, dict]:
     if path.is_file():
         return path, {}
     if not path.is_dir():
-        raise ConfigError(f"--tokenizer-file ({str(path)!r}) is neither a tokenizer.json file nor a "
-                          "directory")
+        raise ConfigError(f"--tokenizer-file ({str(path)!r}) is neither a tokenizer.json file, a directory "
+                          "nor a Hugging Face hub id (org/name)")
     file = path / "tokenizer.json"
     if not file.is_file():
         raise ConfigError(f"--tokenizer-file ({str(path)!r}): the directory has no tokenizer.json (a fast "

@@ -33,4 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exits.CONFIG)
     for reason in export.refused:
         print(f"anneal: note: tokenizer file not copied: {reason}", flush=True)
-    print(f"exported {args.checkpoint} to {args.out}: {', '.join(p.name for p in export.written)}")
+    if export.no_tokenizer:
+        print(f"anneal: note: no tokenizer written: {export.no_tokenizer}", flush=True)
+    names = [p.name for p in [*export.written, *export.configs]]
+    print(f"exported {args.checkpoint} to {args.out}: {', '.join(names)}")

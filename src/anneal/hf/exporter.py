@@ -3,7 +3,9 @@
 Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards of at most
 ``max_shard_bytes`` with ``model.safetensors.index.json``) and the tokenizer files that the run's
 data metadata (``PREFIX.json``) records, each verified first (``anneal.hf.tokenizer_files``): a
-file that is not what its name says is not copied, and is named in ``Export.refused``. The model tensors are read
+file that is not what its name says is not copied, and is named in ``Export.refused``; when no tokenizer
+is recorded to copy (anneal's byte tokenizer, or no metadata), ``Export.no_tokenizer`` says why. Every
+file gets the mode the umask gives (safetensors alone creates 0600). The model tensors are read
 with DCP in this one process through the restricted reader, one output shard at a time, so memory
 holds one shard, whatever the layout the checkpoint was saved in (DCP reshards to whole tensors).
 Tensors keep the dtype they were trained in; ``vocab_size`` is the embedding's rows, padding kept.
@@ -12,6 +14,7 @@ Tensors keep the dtype they were trained in; ``vocab_size`` is the embedding's r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -35,8 +38,10 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 @dataclass(frozen=True)
 class Export:
-    written: list[Path]  # every file written into OUT, weights first
+    written: list[Path]  # the weights and tokenizer files written into OUT, weights first
     refused: list[str] = field(default_factory=list)  # tokenizer files not copied, each with its reason
+    no_tokenizer: str = ""  # why no tokenizer file was written, when none was recorded to copy
+    configs: list[Path] = field(default_factory=list)  # config.json and generation_config.json
 
 
 def parse_size(text: str) -> int:
@@ -60,15 +65,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_byte
         stale.unlink(missing_ok=True)
     written = _write_weights(path, out, shapes, max_shard_bytes)
     dtype = DTYPE_NAMES[str(next(iter(shapes.values()))[1])]
-    tokenizer, ids = _recorded_tokenizer(run_config, cfg.vocab_size)
+    recorded, tokenizer, ids = _recorded_tokenizer(run_config, cfg.vocab_size)
     (out / "config.json").write_text(json.dumps({**hf_config(cfg, dtype), **ids}, indent=2) + "\n")
     generation = {"_from_model_config": True, **ids}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return Export(written + _copy_tokenizer(tokenizer, out), tokenizer.refused)
+    return Export(written + _copy_tokenizer(tokenizer, out), tokenizer.refused, _why_no_tokenizer(recorded),
+                  [out / "config.json", out / "generation_config.json"])
 
 
 def _resolve(checkpoint: Path) -> Path:
+    from anneal.hf.hub import looks_like_hub_id
+
     path = files.resolve_load(checkpoint) if checkpoint.is_dir() else None
+    if path is None and looks_like_hub_id(checkpoint):
+        raise ConfigError(
+            f"CHECKPOINT ({checkpoint}) is not a directory; a Hugging Face hub id is a model already: "
+            f"start a run from it with checkpoint.pretrained_checkpoint={checkpoint}"
+        )
     if path is None or not path.is_dir():
         raise ConfigError(
             f"CHECKPOINT ({checkpoint}) is neither an iter_* checkpoint nor a save directory "
@@ -121,6 +134,7 @@ def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
+    mode = 0o666 & ~_umask()  # safetensors creates its files 0600: give them the mode every other file gets
     shards = _plan_shards(shapes, max_bytes)
     names = (
         [SINGLE_FILE]
@@ -135,6 +149,7 @@ def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[
             dcp.load({"model": target}, storage_reader=SafeFileSystemReader(str(path)))
         tensors = {to_hf_name(name): tensor for name, tensor in target.items()}
         save_file(tensors, str(out / file), metadata={"format": "pt"})
+        os.chmod(out / file, mode)
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) > 1:
@@ -143,8 +158,15 @@ def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[
     return [out / file for file in names]
 
 
-def _recorded_tokenizer(run_config: dict[str, Any], vocab_size: int) -> tuple[TokenizerCopy, dict[str, int]]:
-    """The verified files of the tokenizer the data's metadata records (the first prefix that has one),
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _recorded_tokenizer(run_config: dict[str, Any], vocab_size: int) -> tuple[dict | None, TokenizerCopy,
+                                                                              dict[str, int]]:
+    """The tokenizer the data's metadata records (the first prefix that has one), its verified files,
     and its special-token ids where they are token ids of this model."""
     from anneal.data.metadata import read_tokenizer
 
@@ -152,10 +174,23 @@ def _recorded_tokenizer(run_config: dict[str, Any], vocab_size: int) -> tuple[To
     prefixes = dataset.get("data_path") or []
     recorded = [t for t in (read_tokenizer(str(p), "dataset.data_path") for p in prefixes) if t]
     if not recorded:
-        return TokenizerCopy(), {}
+        return None, TokenizerCopy(), {}
     names = {"bos_token_id": recorded[0].get("bos_id"), "eos_token_id": recorded[0].get("eod_id")}
     ids = {k: v for k, v in names.items() if type(v) is int and 0 <= v < vocab_size}
-    return verified_tokenizer(recorded[0]), ids
+    return recorded[0], verified_tokenizer(recorded[0]), ids
+
+
+def _why_no_tokenizer(recorded: dict | None) -> str:
+    """Why the export holds no tokenizer ("" when one was recorded with a file to copy)."""
+    if recorded is None:
+        return ("the run's data records no tokenizer (no dataset.data_path with a PREFIX.json): "
+                "generated ids cannot be decoded from this directory alone")
+    if not recorded.get("path"):
+        eod = recorded.get("eod_id")
+        return (f"the run's data uses anneal's byte tokenizer (ids 0-255 are UTF-8 bytes, {eod} ends a "
+                "document), which has no tokenizer file: decode generated ids with "
+                "bytes(i for i in ids if i < 256).decode('utf-8', 'replace')")
+    return ""
 
 
 def _copy_tokenizer(tokenizer: TokenizerCopy, out: Path) -> list[Path]:

@@ -1,8 +1,10 @@
 """``checkpoint.pretrained_checkpoint``: a Hugging Face Qwen3 directory's weights into a built model.
 
 The directory holds ``config.json`` and either ``model.safetensors`` or shards named by
-``model.safetensors.index.json``. The run's ``model.`` section is checked against ``config.json``
-first (``check_pretrained``, before anything is built). ``load_pretrained`` then reads the
+``model.safetensors.index.json``; a hub id (``Qwen/Qwen3-0.6B``) names the snapshot of that repository in
+``huggingface_hub``'s cache (``anneal.hf.hub``: downloaded first unless ``HF_HUB_OFFLINE`` is set).
+The run's ``model.`` section is checked against ``config.json`` first (``check_pretrained``, before
+anything is built). ``load_pretrained`` then reads the
 files lazily, one tensor at a time (``safetensors.safe_open``), copies each into the parameter of
 that name in the model's dtype, and has the optimizer take its fp32 masters from the result
 (``reload_model_params``): the one way weights enter a built model. Today every data-parallel
@@ -23,12 +25,19 @@ import torch
 from anneal.config.model import ModelConfig
 from anneal.parallelize import copy_full_
 from anneal.errors import ConfigError
+from anneal.hf.hub import resolve_model_dir
 from anneal.hf.mapping import check_model_config, to_hf_name
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _FIELD = "checkpoint.pretrained_checkpoint"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports carry
+_MODEL_FILES = ("config.json", "*.safetensors", INDEX_FILE)  # all a hub id's snapshot needs to hold
+
+
+def model_dir(value: str | Path) -> Path:
+    """The directory ``checkpoint.pretrained_checkpoint`` names: itself, or a hub id's cached snapshot."""
+    return resolve_model_dir(value, _FIELD, files=_MODEL_FILES)
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -47,7 +56,7 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
 def check_pretrained(cfg: ModelConfig, directory: str | None) -> None:
     """Refuse a ``model.`` section that disagrees with the directory's ``config.json`` (no-op without one)."""
     if directory:
-        check_model_config(cfg, read_hf_config(directory), str(directory))
+        check_model_config(cfg, read_hf_config(model_dir(directory)), str(directory))
 
 
 def weight_files(directory: str | Path) -> dict[str, Path]:
@@ -97,6 +106,7 @@ def open_tensors(files: dict[str, Path]) -> Iterator[Any]:
 def load_pretrained(directory: str | Path, model: torch.nn.Module, optimizer: Any, cfg: ModelConfig) -> None:
     """Copy the directory's weights into ``model`` (after ``setup_optimizer``), then refresh the masters."""
     check_pretrained(cfg, str(directory))
+    directory = model_dir(directory)
     files = weight_files(directory)
     params = dict(model.named_parameters())
     _check_names(set(files), {to_hf_name(name) for name in params}, directory)

@@ -4,7 +4,8 @@ A dataset's ``PREFIX.json`` comes from whoever preprocessed it, so what it names
 command to copy: a file is copied into the export (a directory people upload) only when
 
 - its name is one of ``TOKENIZER_FILES`` and it lies in the directory that holds the recorded
-  ``tokenizer.json`` (a symlink is followed only while it stays inside that directory);
+  ``tokenizer.json`` (a symlink is followed only while it stays inside that directory, or, for a
+  snapshot of ``huggingface_hub``'s cache, ``snapshots/<commit>/``, inside that repository's ``blobs/``);
 - the recorded ``tokenizer.json`` itself parses with ``tokenizers.Tokenizer.from_file`` and matches
   the recorded sha256; without it nothing of that directory is copied;
 - it parses as what its name says: JSON objects for the configs and ``vocab.json``, a merges list
@@ -94,9 +95,16 @@ def verified_tokenizer(recorded: dict) -> TokenizerCopy:
     return result
 
 
+def _roots(directory: Path) -> list[Path]:
+    """Where a file of ``directory`` may lie: in it, or (a hub cache snapshot) in its repository's blobs."""
+    if directory.parent.name == "snapshots":  # huggingface_hub links snapshots/<commit>/NAME to ../../blobs/
+        return [directory, directory.parent.parent / "blobs"]
+    return [directory]
+
+
 def _problem(path: Path, directory: Path, sha256: str | None) -> str | None:
     """Why ``path`` must not be copied, or None when it is inside ``directory`` and parses as its name says."""
-    if path.is_symlink() and directory not in path.resolve().parents:
+    if path.is_symlink() and not any(root in path.resolve().parents for root in _roots(directory)):
         return f"a symlink to {path.resolve()}, outside {directory}"
     if not path.is_file():
         return "not a file"
