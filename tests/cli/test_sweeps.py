@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -86,3 +87,20 @@ def test_a_misspelled_key_in_a_sweep_is_one_line_before_any_job_starts(tmp_path)
     assert out.stderr.strip() == ("anneal: error: optimizer.lrr is not a config key; did you mean "
                                   "optimizer.lr=0.001? (sweep job #0: optimizer.lrr=0.001)")
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_dry_run_sweep_prints_the_config_once_then_each_jobs_differences(tmp_path) -> None:
+    """README's six-job dry-run sweep: the full config for job #0 only, then what each job changes; Hydra's
+    own lines in anneal's log format (``[date time] message``, no ``[HYDRA]`` and no milliseconds)."""
+    out = run_cli("-m", "optimizer.lr=choice(1e-3,3e-3)", "train.train_iters=range(100,400,100)",
+                  "scheduler.lr_warmup_fraction=0.1", "dry_run=true", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert out.stdout.count("_target_: anneal.config.container.ConfigContainer") == 1
+    assert out.stdout.count("# plan") == 6
+    assert "job #4 differs from job #0 in 2 setting(s): optimizer.lr 0.001 -> 0.003, " \
+           "train.train_iters 100 -> 200" in lines
+    assert "[HYDRA]" not in out.stdout
+    launching = next(line for line in lines if line.endswith("Launching 6 jobs locally"))
+    assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] Launching 6 jobs locally", launching)
+    assert len(lines) < 500, len(lines)  # 1069 lines with the config printed once per job

@@ -174,3 +174,9 @@ def test_param_group_bounds_are_the_schedulers_state() -> None:
     taken.load_state_dict({**ckpt, "num_steps": 50})
     assert taken.optimizer.param_groups[0]["max_lr"] == 3e-3
     assert taken.optimizer.param_groups[0]["lr"] == lr_at(Schedule(**BASE), 50, 3e-3, 0.0)
+
+
+def test_resume_table_is_one_line_when_nothing_differs() -> None:
+    table = make().load_state_dict({**make().state_dict(), "num_steps": 20}).table()
+    assert table.splitlines() == [table]
+    assert table.startswith("scheduler resumed at num_steps=20") and "agree on all" in table

@@ -1,7 +1,7 @@
 """What the launcher does around each Hydra job: its overrides, cleaning up after it, the sweep's result.
 
 A job that fails (or a sweep job that only dry-ran) leaves nothing behind: its directory is removed
-when it holds only Hydra's ``.hydra/`` and empty log files. With Hydra's basic launcher every job of
+when it holds only Hydra's ``.hydra/`` and log files. With Hydra's basic launcher every job of
 a sweep runs in this process, so the sweep's exit code is read from ``_results`` at the end.
 """
 
@@ -11,6 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anneal import exits
 from anneal.errors import ConfigError
@@ -24,6 +25,7 @@ class JobResult:
 
 
 _results: list[JobResult] = []
+_first_dry_run: tuple[int, dict[str, Any]] | None = None  # a dry-run sweep's first job: number, flat config
 
 
 def _hydra_config():
@@ -54,6 +56,44 @@ def finish(code: int, *, dry_run: bool) -> None:
             _remove_empty_parents(run_dir)
 
 
+def config_differences(config: dict[str, Any]) -> str | None:
+    """For a dry-run sweep job after the first: one line naming each setting that differs from the first
+    job's (whose whole config was printed); None outside a sweep and for the first job.
+
+    ``config`` is the job's config as plain data (``anneal.config.compose.to_dict``). With Hydra's basic
+    launcher every job runs in this process, so the first job's config is kept here.
+    """
+    global _first_dry_run
+    hc = _hydra_config()
+    from hydra.types import RunMode
+
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return None
+    flat = _flatten(config)
+    if _first_dry_run is None:
+        _first_dry_run = (int(hc.job.num), flat)
+        return None
+    number, first = _first_dry_run
+    changed = [f"{key} {_shown(first.get(key))} -> {_shown(flat.get(key))}"
+               for key in sorted(first.keys() | flat.keys()) if first.get(key) != flat.get(key)]
+    return (f"job #{hc.job.num} differs from job #{number} in {len(changed)} setting(s)"
+            + (f": {', '.join(changed)}" if changed else ""))
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
 def run_dir() -> Path | None:
     """The running Hydra job's output directory, or None outside Hydra."""
     hc = _hydra_config()
@@ -61,7 +101,8 @@ def run_dir() -> Path | None:
 
 
 def remove_if_empty(run_dir: Path) -> bool:
-    """Remove ``run_dir`` if all it holds is ``.hydra/`` and empty files; True when removed.
+    """Remove ``run_dir`` if all it holds is ``.hydra/``, empty files and the job's log (its start-up lines;
+    the failure itself went to stderr); True when removed. Metrics, checkpoints or plots keep it.
 
     Never the working directory or a directory above it.
     """
@@ -69,7 +110,8 @@ def remove_if_empty(run_dir: Path) -> bool:
     if not run_dir.is_dir() or run_dir.resolve() == cwd or run_dir.resolve() in cwd.parents:
         return False
     for entry in run_dir.iterdir():
-        if entry.name != ".hydra" and not (entry.is_file() and entry.stat().st_size == 0):
+        disposable = entry.is_file() and (entry.stat().st_size == 0 or entry.suffix == ".log")
+        if entry.name != ".hydra" and not disposable:
             return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return True

@@ -12,6 +12,7 @@ one line and the sweep goes on, and the process exits non-zero at the end if any
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -40,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.dry_run and not args.hydra_only:
         from anneal.cli.dry_run import report_parts
 
-        for part in report_parts(cfg, derived):  # the schedule shows before torch is imported
-            print(part, flush=True)
+        try:
+            for part in report_parts(cfg, derived):  # the schedule shows before torch is imported
+                print(part, flush=True)
+        except ConfigError as error:  # what the run would refuse before building (its data, say)
+            fail(error)
         return
     sys.argv = [sys.argv[0], *argv, *_rank_overrides(argv)]
     _hydra_main(args)
@@ -114,14 +118,23 @@ def _train(dict_cfg) -> int:
     if derived.notes and not cfg.dry_run and int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(f"anneal: note: {note}" for note in derived.notes), flush=True)
     if cfg.dry_run:
-        from anneal.cli.dry_run import report_parts
-
-        for part in report_parts(cfg, derived):
-            print(part, flush=True)
+        _print_dry_run(cfg, derived)
         return exits.OK
+    if int(os.environ.get("RANK", "0")) == 0:  # a first sign of life: importing torch takes seconds
+        logging.getLogger("anneal").info("anneal: config valid; importing torch")
     from anneal.training.run import run
 
     return run(cfg, derived)
+
+
+def _print_dry_run(cfg, derived) -> None:
+    """A Hydra job's dry run; a sweep prints the whole config for its first job, then each job's changes."""
+    from anneal.cli.dry_run import report_parts
+    from anneal.config.compose import to_dict, to_yaml
+
+    differences = jobs.config_differences(to_dict(cfg))
+    for part in report_parts(cfg, derived):
+        print(part if differences is None else part.replace(to_yaml(cfg), differences + "\n"), flush=True)
 
 
 def _hydra_main(args: cli_args.Args) -> None:

@@ -56,7 +56,12 @@ class LoadReport:
     fields: list[LoadedField] = field(default_factory=list)
 
     def table(self) -> str:
-        """One row per setting; ``*`` marks a setting where config and checkpoint differ, with its winner."""
+        """One row per setting; ``*`` marks a setting where config and checkpoint differ, with its winner.
+        One line when nothing differs."""
+        changed = sum(f.differs for f in self.fields)
+        if not changed:
+            return (f"scheduler resumed at num_steps={self.num_steps} ({self.mode} mode): config and checkpoint "
+                    f"agree on all {len(self.fields)} settings")
         this_run = self.mode if self.mode in ("branch", "extend") else "config"
         rows = [("", "field", this_run, "checkpoint", "in force", "from")]
         for f in self.fields:
@@ -65,7 +70,6 @@ class LoadReport:
             rows.append(("*" if f.differs else "", f.name, *values, winner))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        changed = sum(f.differs for f in self.fields)
         header = (f"scheduler resumed at num_steps={self.num_steps} ({self.mode} mode): "
                   f"{changed} setting(s) differ between config and checkpoint (marked *)")
         return "\n".join([header, *lines])
