@@ -49,6 +49,32 @@ def test_eta_of_a_resumed_run_counts_only_the_iterations_left() -> None:
     assert progress.update(610) == {"elapsed_s": 25.0, "eta_s": pytest.approx(390 * 2.0)}
 
 
+def test_eta_shows_as_soon_as_two_iterations_after_the_first_are_timed(tmp_path: Path, caplog) -> None:
+    """The first iteration (allocator, caches) is warm-up; iterations 2 and 3 give the rate, so iteration 3
+    prints a line with the ETA (log_interval 10), and iteration 10's line measures from the same mark."""
+    caplog.set_level(logging.INFO, logger="anneal")
+    clock = FakeClock()
+    metrics = MetricsLogger(LoggerConfig(), tmp_path, enabled=True, total_iters=100)
+    metrics.progress = Progress(total_iters=100, clock=clock)
+    for iteration, now in ((1, 30.0), (2, 32.0), (3, 34.0), (4, 36.0)):
+        clock.now = now
+        metrics.tick(iteration)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["[  3/100   3%] | 2.00 s per iteration | elapsed 0:00:34, ETA 0:03:14"]
+    clock.now = 48.0
+    assert metrics.progress.update(10) == {"elapsed_s": 48.0, "eta_s": pytest.approx(90 * 2.0)}
+    metrics.close()
+
+
+def test_the_early_eta_is_not_repeated_on_a_logging_step(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="anneal")
+    metrics = MetricsLogger(LoggerConfig(log_interval=3), tmp_path, enabled=True, total_iters=100)
+    for iteration in (1, 2, 3):
+        metrics.tick(iteration)
+    assert not caplog.records  # iteration 3 logs its own line, with the ETA
+    metrics.close()
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05"),
                                            (2 * 86400 + 3600, "2d 1:00:00")])
 def test_format_duration(seconds: float, text: str) -> None:
@@ -119,6 +145,20 @@ def test_wandb_offline_run_holds_the_logged_metrics(tmp_path: Path, monkeypatch)
     assert [rows[i]["loss"] for i in (1, 2, 3)] == [5.5, 4.25, 3.125]
     assert rows[3]["valid_loss"] == 3.5 and rows[2]["lr"] == 1e-3 and "eta_s" in rows[3]
     assert "iteration" not in rows[1]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path) -> None:
+    cfg = LoggerConfig(wandb_project="anneal-test", wandb_mode="offline")
+    first = MetricsLogger(cfg, tmp_path / "a", enabled=True, total_iters=4)
+    first.log(_record(1, 3.0))
+    first.close()
+    run_id = first.wandb_run_id
+    second = MetricsLogger(cfg, tmp_path / "b", enabled=True, total_iters=4, wandb_run_id=run_id)
+    second.log(_record(2, 2.0))
+    second.close()
+    assert second.wandb_run_id == run_id
+    assert [p.name.rsplit("-", 1)[1] for p in (tmp_path / "b").glob("wandb/offline-run-*")] == [run_id]
+    assert wandb_history(tmp_path / "b")[0]["loss"] == 2.0
 
 
 def test_wandb_save_dir_places_the_run(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +125,38 @@ def test_recompute_and_chunked_loss_train_like_the_plain_run(single_run: list[di
     assert result.returncode == 0, result.stderr[-3000:]
     for one, other in zip(single_run, _records(out), strict=True):
         assert other["loss"] == pytest.approx(one["loss"], rel=1e-5)  # only the summation order differs
+
+
+@pytest.fixture(scope="module")
+def resumed_wandb_run(tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """A run with W&B (offline) and checkpoints that stops at iteration 6 (train.exit_interval), then the same
+    command again: a resume to iteration 12."""
+    root = tmp_path_factory.mktemp("wandb_resume")
+    common = [*SMALL, "logger.log_interval=10", "train.eval_interval=null", "logger.plot_schedule=false",
+              "logger.wandb_project=anneal-test", "logger.wandb_mode=offline", "train.exit_interval=6",
+              f"checkpoint.save={root / 'ck'}"]
+    results = [run_cli(*common, f"hydra.run.dir={root / name}", cwd=root, timeout=240,
+                       env={"OMP_NUM_THREADS": "1"}) for name in "ab"]
+    return root, results
+
+
+def test_start_up_names_each_build_step_and_the_eta_shows_at_iteration_3(resumed_wandb_run) -> None:
+    _, (first, _) = resumed_wandb_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = [line.split("] ", 1)[1] for line in first.stdout.splitlines() if line.startswith("[")]
+    starts = [line.split(" (")[0] for line in lines if line.startswith("anneal: ")]
+    assert starts[:3] == ["anneal: config valid; importing torch", "anneal: building the data",
+                          "anneal: building the model"]
+    assert "parameters, 1 rank(s) on cpu" in starts[3]  # the banner, once everything is built
+    eta = next(line for line in lines if "ETA" in line)
+    assert eta.startswith("[ 3/12  25%] | ") and "s per iteration" in eta  # log_interval 10: before iteration 10
+
+
+def test_a_resumed_run_continues_its_wandb_run(resumed_wandb_run) -> None:
+    root, results = resumed_wandb_run
+    assert [r.returncode for r in results] == [0, 0], results[-1].stderr[-3000:]
+    ids = [[p.name.rsplit("-", 1)[1] for p in (root / name).glob("wandb/offline-run-*")] for name in "ab"]
+    assert len(ids[0]) == 1 and ids[1] == ids[0]
+    state = json.loads((root / "ck" / "iter_0000012" / "state.json").read_text())
+    assert state["train"]["wandb_run_id"] == ids[0][0]
+    assert f"W&B: offline run {ids[0][0]} (continued)" in results[1].stdout

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -80,16 +81,34 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Elapsed wall time and an ETA for the iterations left.
 
-    The rate is measured from the first logged iteration of this process on, so the warm-up before
-    it (allocator, compilation, caches) does not count, and a resumed run counts only its own
-    iterations; until a second log there is no rate, hence no ETA.
+    The rate is measured from the end of this process's first iteration (``tick``; without ticks, its
+    first log), so the warm-up of that iteration (allocator, compilation, caches) does not count, and a
+    resumed run counts only its own iterations. Two iterations timed after it give the first ETA.
     """
+
+    EARLY_ITERS = 2  # iterations timed after the first before an ETA is shown
 
     def __init__(self, total_iters: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.total_iters = total_iters
         self.clock = clock
         self.start = clock()
-        self.mark: tuple[int, float] | None = None  # (iteration, time) of the first log
+        self.mark: tuple[int, float] | None = None  # (iteration, time) the rate is measured from
+        self._early_done = False
+
+    def tick(self, iteration: int, settle: Callable[[], None] | None = None) -> float | None:
+        """After each iteration: marks the first; returns the ETA once, when ``EARLY_ITERS`` more are timed.
+
+        ``settle`` (a device synchronize) runs only on those two iterations, before the clock is read.
+        """
+        if self._early_done or (self.mark is not None and iteration - self.mark[0] < self.EARLY_ITERS):
+            return None
+        if settle is not None:
+            settle()
+        if self.mark is None:
+            self.mark = (iteration, self.clock())
+            return None
+        self._early_done = True
+        return self.update(iteration)["eta_s"]
 
     def update(self, iteration: int) -> dict[str, float | None]:
         now = self.clock()
@@ -97,8 +116,13 @@ class Progress:
             self.mark = (iteration, now)
         first, since = self.mark
         done = iteration - first
-        eta = (now - since) / done * max(self.total_iters - iteration, 0) if done > 0 else None
+        timed = done >= self.EARLY_ITERS  # a rate from at least two iterations
+        eta = (now - since) / done * max(self.total_iters - iteration, 0) if timed else None
         return {"elapsed_s": now - self.start, "eta_s": eta}
+
+    def seconds_per_iteration(self, iteration: int) -> float:
+        first, since = self.mark
+        return (self.clock() - since) / max(iteration - first, 1)
 
 
 def wandb_mode(mode: str, environ: Mapping[str, str]) -> str:
@@ -114,7 +138,7 @@ def wandb_mode(mode: str, environ: Mapping[str, str]) -> str:
 class WandbSink:
     """One W&B run (rank 0) that receives every numeric metric, stepped by iteration."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_config: dict | None) -> None:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_config: dict | None, run_id: str | None) -> None:
         try:
             import wandb
         except ImportError as error:
@@ -123,10 +147,11 @@ class WandbSink:
         save_dir = Path(cfg.wandb_save_dir) if cfg.wandb_save_dir else run_dir
         save_dir.mkdir(parents=True, exist_ok=True)
         mode = wandb_mode(cfg.wandb_mode, os.environ)
+        log.info(f"W&B: starting ({mode})" + (f", continuing run {run_id}" if run_id else ""))
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_exp_name,
-                              dir=str(save_dir), mode=mode, config=run_config,
-                              settings=wandb.Settings(silent=True))
-        log.info(_wandb_line(mode, self.run))
+                              dir=str(save_dir), mode=mode, config=run_config, id=run_id,
+                              resume="allow" if run_id else None, settings=wandb.Settings(silent=True))
+        log.info(_wandb_line(mode, self.run, continued=run_id is not None))
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(_finite_numbers(record), step=record["iteration"])
@@ -135,13 +160,23 @@ class WandbSink:
         self.run.finish()
 
 
-def _wandb_line(mode: str, run: Any) -> str:
+def _wandb_line(mode: str, run: Any, *, continued: bool) -> str:
     if mode == "disabled":
         return "W&B: disabled (logger.wandb_mode or $WANDB_MODE)"
+    again = " (continued)" if continued else ""
     if mode != "offline":
-        return f"W&B: {mode} run {run.url}"
+        return f"W&B: {mode} run {run.url}{again}"
     where = Path(run.dir).parent  # <save dir>/wandb/offline-run-<time>-<id>
-    return f"W&B: offline run {run.id} in {where}; upload it with `wandb sync {where}`"
+    return f"W&B: offline run {run.id}{again} in {where}; upload it with `wandb sync {where}`"
+
+
+_WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def continued_wandb_run(train_state: Mapping[str, Any] | None) -> str | None:
+    """The W&B run id a checkpoint's train state recorded, when it is a plain id (the state is data)."""
+    run_id = (train_state or {}).get("wandb_run_id")
+    return run_id if isinstance(run_id, str) and _WANDB_ID.match(run_id) else None
 
 
 def _finite_numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -153,7 +188,8 @@ class MetricsLogger:
     """Writes ``metrics.jsonl`` in the run directory, TensorBoard scalars, W&B and a console line."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, *, enabled: bool, total_iters: int,
-                 run_config: dict | None = None) -> None:
+                 run_config: dict | None = None, wandb_run_id: str | None = None) -> None:
+        """``wandb_run_id``: the W&B run to continue (the one a resumed checkpoint recorded)."""
         self.cfg = cfg
         self.enabled = enabled
         self.total_iters = total_iters
@@ -165,7 +201,20 @@ class MetricsLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
             self._tb = _tensorboard(Path(cfg.tensorboard_dir or run_dir / "tensorboard"))
-            self._wandb = WandbSink(cfg, run_dir, run_config) if cfg.wandb_project else None
+            self._wandb = WandbSink(cfg, run_dir, run_config, wandb_run_id) if cfg.wandb_project else None
+        self.wandb_run_id = self._wandb.run.id if self._wandb is not None else None  # saved in checkpoints
+
+    def tick(self, iteration: int) -> None:
+        """After every iteration: the first ETA as soon as it is measured, on its own line unless this
+        iteration logs one anyway (a clock read per iteration; a device sync on two iterations only)."""
+        if not self.enabled:
+            return
+        eta = self.progress.tick(iteration, settle=_settle)
+        if eta is None or iteration % self.cfg.log_interval == 0 or iteration == self.total_iters:
+            return
+        per_iter = self.progress.seconds_per_iteration(iteration)
+        elapsed = self.progress.clock() - self.progress.start
+        log.info(f"{self._head(iteration)} | {per_iter:.2f} s per iteration | {_times(elapsed, eta)}")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -185,11 +234,13 @@ class MetricsLogger:
             for line in text.splitlines():  # one prefix per line in the console and in pretrain.log
                 log.info(line)
 
-    def _console(self, r: dict[str, Any]) -> str:
-        it = r["iteration"]
+    def _head(self, it: int) -> str:
         width = len(str(self.total_iters))
-        head = f"[{it:>{width}}/{self.total_iters} {100 * it / self.total_iters:3.0f}%]" \
+        return f"[{it:>{width}}/{self.total_iters} {100 * it / self.total_iters:3.0f}%]" \
             if self.cfg.progress_bar else f"iter {it}"
+
+    def _console(self, r: dict[str, Any]) -> str:
+        head = self._head(r["iteration"])
         if "valid_loss" in r:
             ppl = math.exp(min(r["valid_loss"], 50))
             return f"{head} validation loss {r['valid_loss']:.4f} ppl {ppl:.2f}"
@@ -216,6 +267,12 @@ class MetricsLogger:
 def _times(elapsed_s: float, eta_s: float | None) -> str:
     eta = f", ETA {format_duration(eta_s)}" if eta_s is not None else ""
     return f"elapsed {format_duration(elapsed_s)}{eta}"
+
+
+def _settle() -> None:
+    """Wait for the device's queued work, so that a time read is the work's (CUDA runs ahead of the host)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _tensorboard(path: Path):

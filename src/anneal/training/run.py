@@ -25,10 +25,10 @@ from anneal.optim import setup_optimizer
 from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
 from anneal.parallelize import build_sharded, parallelize
-from anneal.resume import plan_resume, write_lineage
+from anneal.resume import ResumePlan, plan_resume, write_lineage
 from anneal.errors import RunError
 from anneal.training.distributed import DistContext, behind_ranks, init_distributed, shutdown
-from anneal.training.metrics import MetricsLogger, Throughput, peak_flops
+from anneal.training.metrics import MetricsLogger, Throughput, continued_wandb_run, peak_flops
 from anneal.training.profiling import ProfilerWindow
 from anneal.training.signals import StopSignals
 from anneal.training.trainer import LoopParts, Trainer
@@ -57,14 +57,18 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
     check_fits(cfg, layout, cfg.dist.device)
     files.check_load_target(cfg.checkpoint)  # a checkpoint.load with nothing to load, before anything is built
     check_pretrained(cfg.model, cfg.checkpoint.pretrained_checkpoint)  # model.* against its config.json
+    _say(f"anneal: building the data (dataset.kind {cfg.dataset.kind})")
+    # Resume, anneal branch or extension, decided from the checkpoint's state before anything is written (a
+    # refused one leaves no save directory behind); its schedule sets where an anneal blend starts.
+    plan = plan_resume(cfg, derived)
     train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
                                             vocab_size=cfg.model.vocab_size,
-                                            anneal_start=anneal_start_sample(derived.schedule))
+                                            anneal_start=anneal_start_sample(plan.derived.schedule))
     lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
     ctx = init_distributed(cfg.dist, layout)
     stage = Stage()
     try:
-        return _build_and_train(cfg, derived, ctx, (train_data, valid_data), stage)
+        return _build_and_train(cfg, plan, ctx, (train_data, valid_data), stage)
     except RuntimeError as error:  # a collective that timed out becomes one line naming the stage
         raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
     finally:
@@ -73,17 +77,19 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
         shutdown(ctx)
 
 
-def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, data: tuple, stage: Stage) -> int:
+def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, data: tuple, stage: Stage) -> int:
     stage.now = "building the model and optimizer"
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
+    _say(f"anneal: building the model ({num_parameters(cfg.model) / 1e6:.2f}M parameters on {ctx.device}) "
+         "and the optimizer")
     model = _build_model(cfg, ctx)
-    plan = plan_resume(cfg, derived)  # resume, anneal branch or extension, decided from the checkpoint's state
-    derived = plan.derived  # the schedule in force after that decision, and the run's length
+    derived = plan.derived  # the schedule in force after the resume decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
                                            dp_group=ctx.parallel.dp_group, resume=plan, layout=ctx.parallel)
     out = run_dir()
     metrics = MetricsLogger(cfg.logger, out, enabled=ctx.is_main, total_iters=derived.train_iters,
-                            run_config=dataclasses.asdict(cfg))
+                            run_config=dataclasses.asdict(cfg),
+                            wandb_run_id=_own_wandb_run(plan, cfg.checkpoint.save))
     half = cfg.optimizer.bf16 or cfg.optimizer.fp16
     throughput = Throughput(flops_per_token=flops_per_token(cfg.model), world_size=ctx.world_size,
                             peak=peak_flops(ctx.device, half))
@@ -94,6 +100,7 @@ def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, d
                                 lineage=lineage)
     stage.now = "loading the checkpoint"
     state = checkpointer.load()
+    state.wandb_run_id = metrics.wandb_run_id or state.wandb_run_id  # saved with every checkpoint
     if cfg.checkpoint.pretrained_checkpoint and checkpointer.find() is None:  # nothing to resume: start from it
         load_pretrained(cfg.checkpoint.pretrained_checkpoint, model, optimizer, cfg.model)
         metrics.info(f"pretrained: loaded Hugging Face weights from {cfg.checkpoint.pretrained_checkpoint}")
@@ -113,7 +120,7 @@ def _build_and_train(cfg: ConfigContainer, derived: Derived, ctx: DistContext, d
     stage.now, stage.trainer = "finishing", None
     profiler.close()  # a window reaching past the last iteration still writes what it recorded
     if ctx.is_main and cfg.logger.plot_schedule:
-        _plot(scheduler, derived, out, trainer, metrics)
+        _plot(scheduler, derived, out, trainer, metrics, seq_length=cfg.model.seq_length)
     metrics.info(_final_line(trainer, stop, checkpointer, metrics))
     metrics.close()
     return stop.exit_code
@@ -131,12 +138,30 @@ def _build_model(cfg: ConfigContainer, ctx: DistContext) -> torch.nn.Module:
                        compile_backend=compile_backend)  # compile only: the native engine shards nothing
 
 
-def _plot(scheduler, derived: Derived, out: Path, trainer: Trainer, metrics: MetricsLogger) -> None:
-    """The schedule in force (after any resume decision) with the applied lr/wd drawn over it."""
+def _own_wandb_run(plan: ResumePlan, save: str | None) -> str | None:
+    """The W&B run to continue: the one this run's own checkpoint (in ``checkpoint.save``) recorded, on a
+    resume or a restarted branch; a finetune, a new branch or a checkpoint from elsewhere starts a new one."""
+    if plan.kind == "fresh" or plan.checkpoint is None or save is None:
+        return None
+    if plan.checkpoint.resolve().parent != Path(save).resolve():
+        return None
+    return continued_wandb_run(plan.meta.get("train"))
+
+
+def _say(line: str) -> None:
+    """A start-up line as it happens, from rank 0 (Hydra's job logging writes it to pretrain.log too)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info(line)
+
+
+def _plot(scheduler, derived: Derived, out: Path, trainer: Trainer, metrics: MetricsLogger, *,
+          seq_length: int) -> None:
+    """The schedule in force (after any resume decision) with the applied lr/wd drawn over it; its CSV
+    counts consumed tokens too."""
     from anneal.plot import plot_run
 
     png = plot_run(scheduler.schedule, derived.ramp, derived.train_iters, out / "schedule.png",
-                   applied=trainer.applied)
+                   applied=trainer.applied, seq_length=seq_length)
     metrics.info(f"schedule plot: {png}")
 
 

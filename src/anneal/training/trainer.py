@@ -36,6 +36,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0
+    wandb_run_id: str | None = None  # the W&B run this run logs to; a resume continues it
 
 
 class Checkpointer(Protocol):
@@ -104,6 +105,7 @@ class Trainer:
                 lr, wd = self._applied_lr_wd()
             loss, result = self.train_step()
             s.iteration += 1
+            self.metrics.tick(s.iteration)  # a clock read: the first ETA once two iterations are timed
             if self.p.profiler is not None:
                 self.p.profiler.step(s.iteration)  # opens or closes the profiling window on its edges
             self.watch.observe(s.iteration, loss, None if result.skipped else result.grad_norm)
