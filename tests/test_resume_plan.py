@@ -13,6 +13,7 @@ from anneal.checkpoint import files
 from anneal.config.compose import load
 from anneal.errors import ConfigError
 from anneal.resume import plan_resume
+from anneal_testing import run_cli
 
 BASE = ["scheduler=wsd", "scheduler.lr_warmup_iters=3", "scheduler.lr_wsd_decay_iters=4", "train.train_iters=20",
         "train.global_batch_size=8", "train.micro_batch_size=4", "model.seq_length=32"]
@@ -114,3 +115,26 @@ def test_a_checkpoints_lineage_reads_only_a_metrics_jsonl_and_only_its_records(t
     assert trained_history(meta) == []
     meta["lineage"]["metrics"] = str(metrics)
     assert [r["lr"] for r in trained_history(meta)] == [0.1, 0.3]
+
+
+def test_branch_dry_run_tables_show_the_schedule_that_will_run(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "ck" / "parent", 20, ["train.train_iters=40"])  # anneal at [288, 320) samples
+    result = run_cli(*BASE, "train.train_iters=40", "checkpoint.load=ck/parent/iter_0000020",
+                     "checkpoint.save=ck/b20", "scheduler.anneal_branch_iters=5", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    derived = result.stdout[result.stdout.index("# derived"):result.stdout.index("# plan")]
+    rows = {line[:28].strip(): line[28:].split() for line in derived.splitlines()}
+    assert rows["stable end / anneal start"][:2] == ["20", "160"]  # the branch point
+    assert rows["decay end"][:2] == rows["end of training"][:2] == ["25", "200"]
+    assert "anneal [160, 200)" in derived  # the data table follows the same schedule
+    assert "the run ends at iteration 25" in result.stdout and not (tmp_path / "ck" / "b20").exists()
+
+
+def test_a_refused_extend_leaves_no_save_directory(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "parent", 18)  # in the anneal, which starts at iteration 16
+    result = run_cli(*BASE, f"checkpoint.load={tmp_path / 'parent' / 'iter_0000018'}",
+                     f"checkpoint.save={tmp_path / 'new'}", "train.train_iters=30", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("anneal: error: train.train_iters (30): cannot extend the run")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "new").exists()

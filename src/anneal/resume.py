@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from anneal.checkpoint import files
-from anneal.checkpoint.guards import verified_state
 from anneal.config.derive import Derived
 from anneal.errors import ConfigError
 from anneal.scheduler.branch import (branch_bounds, branch_point, branch_schedule, extended, extension_refusal,
@@ -62,6 +61,8 @@ def plan_resume(cfg, derived: Derived) -> ResumePlan:
             raise ConfigError(f"scheduler.anneal_branch_iters ({k}) needs checkpoint.load: the parent checkpoint "
                               "to branch from")
         return ResumePlan("fresh", derived, lineage={"kind": "root"})
+    from anneal.checkpoint.guards import verified_state  # imports torch: only when there is a checkpoint
+
     meta = verified_state(path)  # a foreign or damaged checkpoint is refused here, naming the fallback
     lineage = meta.get("lineage") or {"kind": "root"}
     if cfg.checkpoint.finetune:

@@ -18,19 +18,27 @@ from anneal.scheduler.schedule import Schedule
 PREVIEW_PNG = "resume_preview.png"
 
 
-def preview(cfg, derived, out: Path | None = None) -> str:
-    """The ``# resume`` part of the dry run ("" when there is nothing to resume); draws ``out``."""
+def plan_or_refusal(cfg, derived) -> ResumePlan | ConfigError:
+    """The run's resume plan, or the error it would stop with (shown with the rest of the dry run)."""
     try:
-        plan = plan_resume(cfg, derived)
-    except ConfigError as error:  # what the run would refuse, shown with the rest of the dry run
-        return f"# resume\nthe run would stop: {error}"
+        return plan_resume(cfg, derived)
+    except ConfigError as error:
+        return error
+
+
+def preview(cfg, plan: ResumePlan | ConfigError, out: Path | None = None) -> str:
+    """The ``# resume`` part of the dry run for ``plan`` ("" when there is nothing to resume); draws ``out``."""
+    if isinstance(plan, ConfigError):
+        return f"# resume\nthe run would stop: {plan}"
     if plan.checkpoint is None or plan.kind == "fresh":
         return ""
     train = plan.meta["train"]
     lines = ["# resume", f"{plan.kind} from {plan.checkpoint} at iteration {train['iteration']} "
              f"({train['consumed_samples']} samples); the run ends at iteration {plan.derived.train_iters}",
              *plan.lines, decision_table(cfg, plan)]
-    png = draw(plan, out or Path.cwd() / PREVIEW_PNG, seq_length=cfg.model.seq_length)
+    from anneal.plot import output_path  # outputs/dry_run/ (git ignores it), not the working directory
+
+    png = draw(plan, out or output_path(PREVIEW_PNG, "dry_run"), seq_length=cfg.model.seq_length)
     return "\n".join([*lines, f"resume preview: {png} (planned points in {png.with_suffix('.csv').name})"])
 
 

@@ -118,3 +118,15 @@ def test_evaluation_needs_validation_data() -> None:
         DatasetConfig(split="1,0,0").check_against(1000, "cosine", eval_interval=5)
     DatasetConfig(kind="indexed", train_data_path=["a"], valid_data_path=["b"]).check_against(
         1000, "cosine", eval_interval=5)
+
+
+def test_a_single_prefix_without_brackets_is_a_list_of_one(compose) -> None:
+    cfg = compose("dataset=indexed", "dataset.data_path=/data/web", "dataset.anneal_data_path=/data/hq",
+                  "scheduler=wsd")
+    cfg.validate()
+    assert cfg.dataset.data_path == ["/data/web"] and cfg.dataset.anneal_data_path == ["/data/hq"]
+
+
+def test_a_path_field_of_another_type_names_what_it_must_be(compose) -> None:
+    with pytest.raises(ConfigError, match=r"^dataset.data_path \(True\) must be a list of strings or numbers$"):
+        compose("dataset=indexed", "dataset.data_path=true").validate()

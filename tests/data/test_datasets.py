@@ -90,7 +90,7 @@ def test_mock_tokens_are_in_vocab_with_documents_ending_in_eod() -> None:
 def test_vocab_too_small_for_the_data_names_model_vocab_size(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^model.vocab_size \(256\) must be > the largest token id .*256"):
         build_datasets(DatasetConfig(kind="stdlib"), seq_length=SEQ, vocab_size=256)
-    cfg = _indexed(tmp_path, [[[1, 2, 3] * 20 + [900]]], vocab_size=1000)
+    cfg = _indexed(tmp_path, [[[1, 2, 3] * 20 + [900]]], vocab_size=1000, split="1,0,0")
     with pytest.raises(ConfigError, match=r"^model.vocab_size \(500\) .*\(900, from dataset.data_path\[0\]"):
         build_datasets(cfg, seq_length=SEQ, vocab_size=500)
 

@@ -47,10 +47,11 @@ def test_table_counts_are_the_samples_training_reads(compose, tmp_path: Path) ->
 
 
 def test_dry_run_prints_the_data_table(tmp_path: Path) -> None:
-    blend = f"dataset.data_path=[3,{tmp_path}/web,1,{tmp_path}/code]"
+    web, code = write_sources(tmp_path, [40, 40])  # real files: the dry run checks them as the run does
+    blend = f"dataset.data_path=[3,{web},1,{code}]"
     result = run_cli(*RUN, "train.train_iters=64", "scheduler.lr_wsd_decay_iters=10", "dry_run=true",
                      "dataset=indexed", blend, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     data = result.stdout.split("# data\n")[1].split("# plan")[0]
-    web = next(line for line in data.splitlines() if "/web (weight 0.75)" in line)
+    web = next(line for line in data.splitlines() if "/s0 (weight 0.75)" in line)
     assert web.split()[-1] == f"{768 * 16:,}"  # 75% of 1024 samples of 16 tokens: exact at a block's end

@@ -8,6 +8,7 @@ The runs from the parent's checkpoints share nothing, so they run three at a tim
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -197,6 +198,7 @@ def test_extend_in_the_anneal_is_refused_with_the_branch_command(parent, from_pa
     assert "the anneal began after 128 samples and the checkpoint is at 160" in refused.stderr
     assert f"checkpoint.load={parent['save'] / 'iter_0000015'}" in refused.stderr
     assert "scheduler.anneal_branch_iters=15" in refused.stderr and not (d / "run" / "metrics.jsonl").exists()
+    assert not (d / "ck").exists()  # refused before the save directory is made
 
 
 def test_dry_run_previews_the_branch_without_writing_a_checkpoint(from_parent) -> None:
@@ -207,8 +209,11 @@ def test_dry_run_previews_the_branch_without_writing_a_checkpoint(from_parent) -
     marked = [line for line in out.splitlines() if line.startswith("*")]
     assert {line.split()[1] for line in marked} == {"lr_decay_steps", "wsd_decay_steps"}
     assert all("branch wins" in line for line in marked)
-    assert (d / "resume_preview.png").stat().st_size > 10_000 and not (d / "ck").exists()
-    rows = (d / "resume_preview.csv").read_text().splitlines()
+    preview = d / "outputs" / "dry_run"  # not the working directory: git ignores outputs/
+    assert f"resume preview: {Path('outputs/dry_run/resume_preview.png')}" in out
+    assert (preview / "resume_preview.png").stat().st_size > 10_000 and not (d / "ck").exists()
+    assert not (d / "resume_preview.png").exists()
+    rows = (preview / "resume_preview.csv").read_text().splitlines()
     assert rows[1].split(",")[1] == "11" and len(rows) == 7  # the part to come: iterations 11..16
 
 
@@ -216,8 +221,8 @@ def test_end_of_run_plot_draws_the_schedule_in_force_after_use_checkpoint(from_p
     d, (result,) = from_parent["plot"]
     _ok(result)
     applied = metrics_by_iteration(d / "run")
-    lines = (d / "run" / "schedule.csv").read_text().splitlines()[1:]
-    planned = {int(row.split(",")[1]): float(row.split(",")[4]) for row in lines}
+    with (d / "run" / "schedule.csv").open() as f:  # by column name: the columns depend on the curves
+        planned = {int(row["iteration"]): float(row["lr"]) for row in csv.DictReader(f)}
     assert planned[11] == applied[11]["lr"] == LR  # the checkpoint's peak, not the config's 1e-3
     assert {it: planned[it] for it in applied} == {it: r["lr"] for it, r in applied.items()}
 

@@ -95,5 +95,6 @@ def startup(repeats: int) -> dict[str, Stat]:
             "import_torch_s": Stat.of(runs["import_torch"], "s"),
             "first_iteration_vs_import_torch": ratios(runs["first_iteration"], runs["import_torch"]),
             "dry_run_s": Stat.of(runs["dry_run"], "s"),
+            "dry_run_vs_import_torch": ratios(runs["dry_run"], runs["import_torch"]),
             "dry_run_schedule_printed_s": Stat.of(runs["dry_run_schedule"], "s"),
             "dry_run_qwen3_4b_s": Stat.of(runs["dry_run_qwen3_4b"], "s")}

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from anneal.checkpoint import files
-from anneal.checkpoint.safe_reader import read_metadata_file
 from anneal.errors import ConfigError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -151,10 +150,18 @@ def _checked(path: Path, only: set[str] | None) -> dict:
     try:
         meta = files.verify(path, only=only)
         if only is None:
-            read_metadata_file(path / ".metadata")
+            _read_metadata(path)
     except ConfigError as error:
         raise ConfigError(f"{error}; {fallback_hint(path)}") from None
     return meta
+
+
+def _read_metadata(path: Path) -> None:
+    """Parse DCP's ``.metadata`` safely; imported here, as ``torch.distributed.checkpoint`` pulls in DTensor and
+    sympy (half a second) that a dry run reading only ``state.json`` has no use for."""
+    from anneal.checkpoint.safe_reader import read_metadata_file
+
+    read_metadata_file(path / ".metadata")
 
 
 def fallback_hint(refused: Path) -> str:
@@ -172,7 +179,7 @@ def good_fallback(refused: Path) -> Path | None:
             continue
         try:
             files.verify(candidate)
-            read_metadata_file(candidate / ".metadata")
+            _read_metadata(candidate)
         except (ConfigError, OSError):
             continue
         return candidate

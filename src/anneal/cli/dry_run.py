@@ -1,4 +1,4 @@
-"""What ``dry_run=true`` prints: the resolved config, the derived schedule and the resource plan.
+"""What ``dry_run=true`` prints: the derived schedule, the data, the resource plan, then the resolved config.
 
 Nothing is started or allocated: the model is built on the meta device for its parameter shapes.
 The plan targets ``plan.device`` (an accelerator of ``anneal.devices``, or this machine) and lays the
@@ -14,6 +14,7 @@ from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.config.torch_scheduler import TorchSchedule
+from anneal.errors import ConfigError
 
 DEFAULT_DATA_PARALLEL_SHARDS = (1, 8, 64)
 
@@ -88,17 +89,35 @@ def report(cfg: ConfigContainer, derived: Derived) -> str:
 
 
 def report_parts(cfg: ConfigContainer, derived: Derived):
-    """The report in two parts: config and schedule at once, then the plan, which imports torch."""
-    notes = [f"note: {note}" for note in derived.notes]
-    yield "\n".join(["# resolved config", to_yaml(cfg), "# derived", *notes, schedule_table(cfg, derived)])
+    """The report in parts, the answer first: the schedule at once, the data, then the plan (which imports
+    torch), the resume decision, and the resolved config last.
+
+    First, what the run checks before it builds (the data files' headers and metadata; ConfigError as the
+    run would raise it), and the resume decision: with a branch or an extension, every table shows the
+    schedule that will run, not the configured one."""
+    from anneal.data.sources import check_indexed  # imports numpy, not torch
+    from anneal.resume_preview import plan_or_refusal, preview
+
+    check_indexed(cfg.dataset, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size)
+    resume = plan_or_refusal(cfg, derived)
+    runs = derived if isinstance(resume, ConfigError) else resume.derived  # the schedule in force
+    notes = [f"note: {note}" for note in derived.notes] + _resume_note(resume)
+    yield "\n".join(["# derived", *notes, schedule_table(cfg, runs)])
     from anneal.data.mix import mix_table  # imports numpy, not torch
 
-    yield "\n".join(["# data", mix_table(cfg.dataset, derived, cfg.model.seq_length)])
+    yield "\n".join(["# data", mix_table(cfg.dataset, runs, cfg.model.seq_length)])
     from anneal.plan_report import plan_table
     from anneal.planner import plan
 
-    yield "\n".join(["# plan", plan_table(plan(cfg, derived.train_samples, world_sizes(cfg)), cfg)])
-    from anneal.resume_preview import preview  # with a checkpoint to resume: the decision and its figure
+    yield "\n".join(["# plan", plan_table(plan(cfg, runs.train_samples, world_sizes(cfg)), cfg)])
+    if text := preview(cfg, resume):  # with a checkpoint to resume: the decision and its figure
+        yield text
+    yield "\n".join(["# resolved config", to_yaml(cfg)])
 
-    if resume := preview(cfg, derived):
-        yield resume
+
+def _resume_note(resume) -> list[str]:
+    """Says why the tables differ from the config when a branch or an extension sets the schedule."""
+    if isinstance(resume, ConfigError) or resume.kind not in ("branch", "extend"):
+        return []
+    return [f"note: the schedule of the {resume.kind} from {resume.checkpoint}, which ends at iteration "
+            f"{resume.derived.train_iters} (see # resume), not the configured one"]

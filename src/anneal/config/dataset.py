@@ -61,6 +61,11 @@ class DatasetConfig:
     stdlib_max_bytes: int = 8 * 1024 * 1024  # how much stdlib source the stdlib kind reads
     mock_num_tokens: int = 4 * 1024 * 1024  # length of the mock kind's token stream
 
+    def __post_init__(self) -> None:
+        for name in PATH_FIELDS:  # one prefix without brackets (dataset.data_path=/data/web) is a list of one
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+
     def validate(self) -> None:
         check_choice("dataset.kind", self.kind, DATASET_KINDS)
         split_weights(self.split)

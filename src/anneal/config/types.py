@@ -58,7 +58,17 @@ def _describe(hint: Any) -> str:
         parts = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {_plural(args[0])}"
     if is_dataclass(hint):
         return f"a {hint.__name__} mapping"
     return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    """What a list's items must be: ``str | float`` -> "strings or numbers"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_plural(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(parts) + (" or nulls" if type(None) in typing.get_args(hint) else "")
+    if hint is bool:
+        return "true or false values"
+    return _describe(hint).removeprefix("a ").removeprefix("an ") + "s"

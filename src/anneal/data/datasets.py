@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from anneal.config.dataset import BYTE_EOD, DatasetConfig, split_weights
-from anneal.data.indexed import IndexedDataset
+from anneal.data.indexed import IndexedDataset, IndexHeader, read_header
 from anneal.errors import ConfigError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -72,7 +72,7 @@ class TokenWindows:
         self.vocab_size = vocab_size
         self.eod = eod
         self.salt = salt  # tells apart the sources of a blend, which share seed and split
-        self.num_windows = max(0, (self.num_tokens - 1) // seq_length)
+        self.num_windows = windows_in(self.num_tokens, seq_length)
         self._permutations: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -230,15 +230,31 @@ def _mock_document_ends(rng: np.random.Generator, num_tokens: int) -> np.ndarray
     return ends[ends <= num_tokens]
 
 
+def windows_in(num_tokens: int, seq_length: int) -> int:
+    """Windows of ``seq_length + 1`` tokens (sharing one token with the next) in ``num_tokens`` tokens."""
+    return max(0, (num_tokens - 1) // seq_length)
+
+
+def prefix_header(field: str, prefix: str) -> IndexHeader:
+    """The checked header of the prefix at ``field`` (its ``.idx`` and ``.bin`` exist, agree and hold integer
+    tokens), reading no data; ConfigError naming the field, the prefix and the problem."""
+    try:
+        header = read_header(prefix)
+    except ConfigError as err:
+        raise ConfigError(f"{field} ({prefix!r}): {err}") from None
+    if header.dtype.kind == "f":
+        raise ConfigError(f"{field} ({prefix!r}): {prefix}.idx stores {header.dtype} values, not integer "
+                          "token ids")
+    return header
+
+
 def open_prefix(field: str, prefix: str, vocab_size: int) -> IndexedDataset:
     """Open the prefix at ``field`` (e.g. ``dataset.data_path[1]``) and check its tokens fit the vocab."""
+    prefix_header(field, prefix)  # the dry run's checks, then the whole index
     try:
         dataset = IndexedDataset(prefix)
     except ConfigError as err:
         raise ConfigError(f"{field} ({prefix!r}): {err}") from None
-    if dataset.dtype.kind == "f":
-        raise ConfigError(f"{field} ({prefix!r}): {dataset.idx_path} stores {dataset.dtype} "
-                          "values, not integer token ids")
     info = np.iinfo(dataset.dtype)
     if info.min < 0 or info.max >= vocab_size:  # the dtype alone does not guarantee a fit: look
         low, high = _token_extremes(dataset.tokens[:_VOCAB_SCAN_TOKENS])

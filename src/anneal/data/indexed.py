@@ -18,6 +18,7 @@ Files written here read in Megatron-Core and the other way round; a multimodal f
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,29 @@ class IndexedDataset:
         return self.tokens[start:start + int(self.sequence_lengths[index])]
 
 
-def _read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse and check an ``.idx`` file; returns (dtype, lengths, pointers, document indices)."""
+@dataclass(frozen=True)
+class IndexHeader:
+    """What an ``.idx`` header says, checked against the sizes of ``.idx`` and ``.bin`` (no data read)."""
+
+    dtype: np.dtype
+    sequences: int
+    documents: int
+    num_tokens: int  # the tokens in .bin: its last sequence's pointer plus its length
+
+
+def read_header(prefix: str | Path) -> IndexHeader:
+    """Check ``<prefix>.idx``'s header and size and ``<prefix>.bin``'s size, reading 46 bytes in all.
+
+    What ``IndexedDataset`` refuses before it maps anything is refused here the same way (ConfigError)."""
+    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+    dtype, sequences, documents = _parse_header(idx_path)
+    num_tokens = _last_token_end(idx_path, sequences, dtype.itemsize)
+    _check_bin_size(bin_path, dtype, num_tokens)
+    return IndexHeader(dtype, sequences, documents, num_tokens)
+
+
+def _parse_header(idx_path: str) -> tuple[np.dtype, int, int]:
+    """The dtype, sequence count and document-index count of an ``.idx``; its size must match them."""
     try:
         with open(idx_path, "rb") as stream:
             header = stream.read(_HEADER_BYTES)
@@ -151,6 +173,26 @@ def _read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.nda
     if size not in (expected, expected + sequences):  # + sequences: multimodal modes
         raise ConfigError(f"{idx_path}: {size} bytes, but its header promises {expected} "
                           f"({sequences} sequences, {documents} document indices); truncated or corrupted")
+    return np.dtype(DTYPE_CODES[code]), sequences, documents
+
+
+def _last_token_end(idx_path: str, sequences: int, itemsize: int) -> int:
+    """Tokens up to the end of the last sequence (its pointer and length: 12 bytes read)."""
+    if sequences == 0:
+        return 0
+    with open(idx_path, "rb") as stream:
+        stream.seek(_HEADER_BYTES + 4 * (sequences - 1))
+        (length,) = struct.unpack("<i", stream.read(4))
+        stream.seek(_HEADER_BYTES + 4 * sequences + 8 * (sequences - 1))
+        (pointer,) = struct.unpack("<q", stream.read(8))
+    if length < 0 or pointer < 0 or pointer % itemsize:
+        raise ConfigError(f"{idx_path}: its last sequence (pointer {pointer}, length {length}) is corrupted")
+    return pointer // itemsize + length
+
+
+def _read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse and check an ``.idx`` file; returns (dtype, lengths, pointers, document indices)."""
+    dtype, sequences, documents = _parse_header(idx_path)
     data = np.memmap(idx_path, dtype=np.uint8, mode="r")
     lengths = np.frombuffer(data, np.int32, sequences, _HEADER_BYTES)
     pointers = np.frombuffer(data, np.int64, sequences, _HEADER_BYTES + 4 * sequences)
@@ -158,7 +200,7 @@ def _read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.nda
     _check_document_indices(idx_path, doc_index, sequences)
     if sequences and lengths.min() < 0:
         raise ConfigError(f"{idx_path}: negative sequence length; corrupted")
-    return np.dtype(DTYPE_CODES[code]), lengths, pointers, doc_index
+    return dtype, lengths, pointers, doc_index
 
 
 def _check_document_indices(idx_path: str, doc_index: np.ndarray, sequences: int) -> None:
@@ -169,7 +211,7 @@ def _check_document_indices(idx_path: str, doc_index: np.ndarray, sequences: int
                           f"({sequences}); corrupted")
 
 
-def _map_tokens(bin_path: str, dtype: np.dtype, num_tokens: int) -> np.ndarray:
+def _check_bin_size(bin_path: str, dtype: np.dtype, num_tokens: int) -> None:
     try:
         size = Path(bin_path).stat().st_size
     except OSError as err:
@@ -177,6 +219,10 @@ def _map_tokens(bin_path: str, dtype: np.dtype, num_tokens: int) -> np.ndarray:
     if size != num_tokens * dtype.itemsize:
         raise ConfigError(f"{bin_path}: {size} bytes, but its index promises {num_tokens} {dtype} tokens "
                           f"({num_tokens * dtype.itemsize} bytes); truncated or not this index's data")
+
+
+def _map_tokens(bin_path: str, dtype: np.dtype, num_tokens: int) -> np.ndarray:
+    _check_bin_size(bin_path, dtype, num_tokens)
     if num_tokens == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(num_tokens,))
