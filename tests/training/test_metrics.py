@@ -183,3 +183,34 @@ def test_missing_wandb_names_the_field_and_the_install(tmp_path: Path, monkeypat
 def test_logger_rules(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LoggerConfig(**overrides).validate()
+
+
+def test_throughput_window_leaves_out_excluded_time_and_says_nothing_without_tokens(monkeypatch) -> None:
+    import anneal.training.metrics as metrics_module
+    from anneal.training.metrics import Throughput
+
+    clock = FakeClock()
+    monkeypatch.setattr(metrics_module.time, "perf_counter", clock)
+    throughput = Throughput(flops_per_token=6.0, world_size=1, peak=None)
+    throughput.add(1000)
+    clock.now += 1.0  # one second of training
+    with throughput.excluded():  # an evaluation, a save or the first iteration's compilation
+        clock.now += 9.0
+    assert throughput.read()["tokens_per_s"] == pytest.approx(1000.0)  # not 100: the 9 s are left out
+    assert throughput.read() == {}  # a window without timed tokens reports no rate (not 0 tok/s)
+
+
+@pytest.mark.parametrize("name, half, matmul, peak", [
+    ("NVIDIA H100 80GB HBM3", True, "highest", 989e12), ("NVIDIA H100 PCIe", True, "highest", 756e12),
+    ("NVIDIA H100 NVL", True, "highest", 835e12), ("NVIDIA H100 80GB HBM3", False, "high", 494.7e12),
+    ("NVIDIA H100 80GB HBM3", False, "highest", 67e12), ("NVIDIA A100-SXM4-80GB", True, "highest", 312e12),
+    ("Tesla T4", True, "highest", None),
+])
+def test_mfu_divides_by_the_peak_of_the_card_and_the_precision_in_use(monkeypatch, name, half, matmul, peak):
+    import torch
+
+    from anneal.training.metrics import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: matmul)
+    assert peak_flops(torch.device("cuda", 0), half) == peak

@@ -6,6 +6,7 @@ Console lines go through :mod:`logging`, so Hydra's job logging writes the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,32 @@ from anneal.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device by name fragment: (16-bit, fp32 via TF32). Unknown devices give no MFU.
-PEAK_FLOPS = {"H200": (989e12, 494.7e12), "H100": (989e12, 494.7e12), "A100": (312e12, 156e12),
-              "L40S": (362e12, 183e12), "A10G": (125e12, 62.5e12)}
+# Dense peaks per GPU (vendor datasheets, no 2:4 sparsity): (bf16/fp16, tf32, fp32). Most specific name
+# fragment first: "H100 NVL" and "H100 PCIe" before "H100" (SXM), as torch.cuda.get_device_name says them.
+PEAK_FLOPS = (("H100 NVL", (835e12, 417.5e12, 60e12)), ("H100 PCIe", (756e12, 378e12, 51e12)),
+              ("H100", (989e12, 494.7e12, 67e12)), ("H200", (989e12, 494.7e12, 67e12)),
+              ("B200", (2250e12, 1125e12, 75e12)), ("MI300X", (1307.4e12, 653.7e12, 163.4e12)),
+              ("A100", (312e12, 156e12, 19.5e12)), ("L40S", (362e12, 183e12, 91.6e12)),
+              ("A10G", (125e12, 62.5e12, 31.2e12)))
 
 
 def peak_flops(device: torch.device, half_precision: bool) -> float | None:
+    """The dense peak of the precision the matmuls run in: 16-bit, else TF32 when fp32 matmuls may use it
+    (``torch.get_float32_matmul_precision()`` not "highest"), else plain fp32; None off CUDA or unknown."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32) in PEAK_FLOPS.items():
+    tf32 = torch.get_float32_matmul_precision() != "highest"
+    for fragment, (half, tf32_peak, fp32_peak) in PEAK_FLOPS:
         if fragment in name:
-            return half if half_precision else tf32
+            return half if half_precision else tf32_peak if tf32 else fp32_peak
     return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA; the CPU's maximum RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -285,7 +300,8 @@ def _tensorboard(path: Path):
 
 
 class Throughput:
-    """Tokens/s and TFLOP/s over the iterations since the last log."""
+    """Tokens/s and TFLOP/s over the iterations since the last log, less the time ``excluded()`` (the first
+    iteration's warm-up and compilation, evaluations, checkpoint saves); nothing when no tokens were timed."""
 
     def __init__(self, *, flops_per_token: float, world_size: int, peak: float | None) -> None:
         self.flops_per_token = flops_per_token
@@ -300,7 +316,19 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent inside does not count (the window's start moves by it)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
+
     def read(self) -> dict[str, float | None]:
+        if not self.tokens:
+            self.start = time.perf_counter()
+            return {}
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed
         flops = tokens_per_s * self.flops_per_token / self.world_size

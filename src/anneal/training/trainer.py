@@ -12,6 +12,8 @@ logging step, where the ranks agree) and saves; a second Ctrl-C aborts (``anneal
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +27,7 @@ from anneal.scheduler.protocol import ParamScheduler
 from anneal.faults import fault_iteration, kill_self, stop_self
 from anneal.training.distributed import DistContext, all_reduce_mean, any_rank, heartbeat
 from anneal.training.health import NonFiniteWatch
-from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb
+from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb, reset_peak_memory
 from anneal.training.profiling import ProfilerWindow
 
 
@@ -89,7 +91,7 @@ class Trainer:
         return self.state
 
     def _loop(self) -> None:
-        s = self.state
+        s, start = self.state, self.state.iteration
         if self.p.throughput is not None:
             self.p.throughput.reset()  # time spent building and loading is not training throughput
         loss_sum = torch.zeros((), device=self.ctx.device)
@@ -103,7 +105,8 @@ class Trainer:
             logging_step = (s.iteration + 1) % self.log_interval == 0 or s.iteration + 1 == self.train_iters
             if logging_step:  # read before the step: the lr/wd this iteration's update applies
                 lr, wd = self._applied_lr_wd()
-            loss, result = self.train_step()
+            with self._excluded(first=s.iteration == start):  # warm-up and compilation: not throughput
+                loss, result = self.train_step()
             s.iteration += 1
             self.metrics.tick(s.iteration)  # a clock read: the first ETA once two iterations are timed
             if self.p.profiler is not None:
@@ -116,15 +119,24 @@ class Trainer:
                 loss_sum.zero_()
                 iters_in_window = 0
             if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
-                self._log_eval()
+                with self._excluded():
+                    self._log_eval()
             if self.p.checkpointer is not None:  # after the evaluation, which a plateau schedule consumes
                 if logging_step or self.p.checkpointer.due(s):
                     self._check_finite()  # nothing non-finite is ever written
-                self.p.checkpointer.maybe_save(s)
+                with self._excluded():
+                    self.p.checkpointer.maybe_save(s)
             elif logging_step:
                 self._check_finite()
             if self._should_exit(logging_step):
                 break
+
+    def _excluded(self, first: bool = True):
+        """Time that is not training throughput (``Throughput.excluded``); its tokens are not counted either."""
+        t = self.p.throughput
+        if t is None or not first:
+            return contextlib.nullcontext()
+        return _uncounted(t)
 
     def train_step(self) -> tuple[torch.Tensor, Any]:
         """One iteration: gradient accumulation over microbatches, then the optimizer and scheduler."""
@@ -182,6 +194,7 @@ class Trainer:
         if self.p.throughput is not None:
             record.update(self.p.throughput.read())
         record["peak_mem_mb"] = peak_memory_mb(self.ctx.device)
+        reset_peak_memory(self.ctx.device)  # each log's peak is its own window's, not the build's
         self.applied.append({"iteration": s.iteration, "lr": lr, "weight_decay": wd})
         self.metrics.log(record)
 
@@ -221,3 +234,12 @@ def _group_lrs(groups: list[dict]) -> dict[str, float]:
         if lr != first and lr not in seen.values():
             seen[f"lr_group{i}"] = lr
     return seen
+
+
+@contextlib.contextmanager
+def _uncounted(throughput: Throughput):
+    """Neither the time nor the tokens inside count in the throughput window."""
+    tokens = throughput.tokens
+    with throughput.excluded():
+        yield
+    throughput.tokens = tokens
