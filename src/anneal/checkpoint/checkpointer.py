@@ -71,6 +71,27 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def rng_parts(device_type: str, saved: set[str]) -> tuple[tuple[str, ...], str]:
+    """Which of a checkpoint's RNG states (``saved``: "cpu", "cuda") load on ``device_type``, and what
+    happens to the rest: a checkpoint written on one device resumes on the other (README: Checkpoints).
+
+    Returns the parts to load and a note: "" when every generator this run uses is restored.
+    """
+    if device_type == "cuda" and "cuda" not in saved:
+        return ("cpu",), "RNG: written without CUDA: CPU RNG restored, CUDA RNG reseeded from it"
+    if device_type != "cuda" and "cuda" in saved:
+        return ("cpu",), "RNG: CPU RNG restored; the checkpoint's CUDA RNG state is not used on this device"
+    return tuple(part for part in ("cpu", "cuda") if part in saved and (part == "cpu" or device_type == "cuda")), ""
+
+
+def _reseed_cuda(device: torch.device) -> None:
+    """A CUDA seed derived from the restored CPU state: the same on every resume, no CPU draws consumed."""
+    import hashlib
+
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).digest()
+    torch.cuda.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, *, model: torch.nn.Module, optimizer: Any, scheduler: ParamScheduler,
                  ctx: DistContext, config_yaml: str, report: Any = print, lineage: dict | None = None) -> None:
@@ -230,8 +251,11 @@ class Checkpointer:
             target["optimizer"] = optim_tensors
         rng_key = f"rank_{self.ctx.rank}"
         load_rng = self.cfg.load_rng and f"rng.{rng_key}.cpu" in available
+        saved_rng = {part for part in ("cpu", "cuda") if f"rng.{rng_key}.{part}" in available}
+        rng_load, rng_note = rng_parts(self.ctx.device.type, saved_rng)
         if load_rng:
-            target["rng"] = {rng_key: _rng_state(self.ctx.device)}
+            now = _rng_state(self.ctx.device)
+            target["rng"] = {rng_key: {part: now[part] for part in rng_load}}
         if self.cfg.load_optim:
             self._check_optimizer_format(meta, _flat_keys({"optimizer": optim_tensors}), available, path)
         self._load_tensors(target, reader, available, path)
@@ -241,6 +265,8 @@ class Checkpointer:
             self.optimizer.reload_model_params()  # masters from the loaded weights, not the initial ones
         if load_rng:
             self._restore_rng(target["rng"][rng_key])
+            if rng_note and self.ctx.device.type == "cuda":
+                _reseed_cuda(self.ctx.device)
         # The restored optimizer state carries no param-group bounds: they are the scheduler's state and
         # follow its rule, so nothing overrides its decision (Megatron's override bug). Older checkpoints
         # kept them beside the scheduler's state.
@@ -250,7 +276,8 @@ class Checkpointer:
         state = TrainState(**meta["train"])
         self.report(f"resumed from {path} at iteration {state.iteration} ({state.consumed_samples} samples)"
                     f"{'' if self.cfg.load_optim else '; optimizer state not loaded'}"
-                    f"{'' if load_rng else '; RNG state not loaded'}\n{table}")
+                    f"{'' if load_rng else '; RNG state not loaded'}"
+                    f"{f'; {rng_note}' if load_rng and rng_note else ''}\n{table}")
         self._last_saved = state.iteration
         return state
 
