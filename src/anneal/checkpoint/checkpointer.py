@@ -81,7 +81,8 @@ def rng_parts(device_type: str, saved: set[str]) -> tuple[tuple[str, ...], str]:
         return ("cpu",), "RNG: written without CUDA: CPU RNG restored, CUDA RNG reseeded from it"
     if device_type != "cuda" and "cuda" in saved:
         return ("cpu",), "RNG: CPU RNG restored; the checkpoint's CUDA RNG state is not used on this device"
-    return tuple(part for part in ("cpu", "cuda") if part in saved and (part == "cpu" or device_type == "cuda")), ""
+    usable = ("cpu", "cuda") if device_type == "cuda" else ("cpu",)
+    return tuple(part for part in usable if part in saved), ""
 
 
 def _reseed_cuda(device: torch.device) -> None:
