@@ -135,18 +135,9 @@ def _describe(declared: Any) -> str:
 
 def _check_plugin(parent: DictConfig, key: str, interface: str, path: str) -> None:
     node = _value(parent, key, path)
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    base = _import(interface)
-    refusal = ConfigError(f"{path}._target_ ({target!r}) must be a subclass of {interface}: Hydra "
-                          f"instantiates it before the run starts")
-    if not isinstance(target, str) or OmegaConf.is_interpolation(node, "_target_"):
-        raise refusal
-    try:
-        cls = _import(target)
-    except ConfigError:
-        raise refusal from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise refusal
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{path}._target_ (None) must be a subclass of {interface}")
+    _check_subclass(node, "_target_", interface, f"{path}._target_", ": Hydra instantiates it before the run")
     for child in node.keys():
         if child != "_target_":
             _refuse_resolved(node, child, f"{path}.{child}")
@@ -189,22 +180,26 @@ def check_logging(node: DictConfig, path: str) -> None:
 
 def _check_factory(node: DictConfig, interface: str, path: str, keys: tuple[str, ...]) -> None:
     for key in keys:
-        if key not in node:
-            continue
-        target = node._get_node(key)._value()
-        refusal = ConfigError(f"{path}.{key} ({target!r}) must be a subclass of {interface}")
-        if not isinstance(target, str) or OmegaConf.is_interpolation(node, key):
-            raise refusal
-        try:
-            cls = _import(target)
-        except ConfigError:
-            raise refusal from None
-        if not (isinstance(cls, type) and issubclass(cls, _import(interface))):
-            raise refusal
+        if key in node:
+            _check_subclass(node, key, interface, f"{path}.{key}")
     for key in node.keys():
         value = node._get_node(key)._value()
         if isinstance(value, str) and "ext://" in value:
             raise ConfigError(f"{path}.{key} ({value!r}) must not name an object (ext://)")
+
+
+def _check_subclass(node: DictConfig, key: str, interface: str, path: str, why: str = "") -> None:
+    """``node[key]`` names, literally (no interpolation), an importable subclass of ``interface``."""
+    target = node._get_node(key)._value()
+    refusal = ConfigError(f"{path} ({target!r}) must be a subclass of {interface}{why}")
+    if not isinstance(target, str) or OmegaConf.is_interpolation(node, key):
+        raise refusal
+    try:
+        cls = _import(target)
+    except ConfigError:
+        raise refusal from None
+    if not (isinstance(cls, type) and issubclass(cls, _import(interface))):
+        raise refusal
 
 
 def _check_handler(node: DictConfig, path: str) -> None:

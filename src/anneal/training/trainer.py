@@ -13,7 +13,6 @@ logging step, where the ranks agree) and saves; a second Ctrl-C aborts (``anneal
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -105,7 +104,7 @@ class Trainer:
             logging_step = (s.iteration + 1) % self.log_interval == 0 or s.iteration + 1 == self.train_iters
             if logging_step:  # read before the step: the lr/wd this iteration's update applies
                 lr, wd = self._applied_lr_wd()
-            with self._excluded(first=s.iteration == start):  # warm-up and compilation: not throughput
+            with self._excluded(when=s.iteration == start):  # warm-up and compilation: not throughput
                 loss, result = self.train_step()
             s.iteration += 1
             self.metrics.tick(s.iteration)  # a clock read: the first ETA once two iterations are timed
@@ -131,10 +130,10 @@ class Trainer:
             if self._should_exit(logging_step):
                 break
 
-    def _excluded(self, first: bool = True):
-        """Time that is not training throughput (``Throughput.excluded``); its tokens are not counted either."""
+    def _excluded(self, when: bool = True):
+        """``when``: time that is not training throughput (``Throughput.excluded``), nor its tokens."""
         t = self.p.throughput
-        if t is None or not first:
+        if t is None or not when:
             return contextlib.nullcontext()
         return _uncounted(t)
 
