@@ -180,15 +180,15 @@ def _gpu(free: float) -> Target:
 
 
 def test_check_fits_counts_activations_and_names_selective_recompute() -> None:
-    cfg = _model_cfg(bf16=False, num_layers=64, seq_length=4096)  # fp32 with GQA on CUDA: the math kernel
+    cfg = _model_cfg(bf16=False, num_layers=64, seq_length=4096)  # fp32 with GQA on CUDA: K/V repeated
     rank = plan(cfg, 3200, [1], target=_gpu(0)).ranks[0]
-    gpu = _gpu(rank.states.total + rank.activations / 2)  # the states fit
+    gpu = _gpu(rank.states.total + rank.logits + rank.activations * 36 / 38)  # the states fit
     with pytest.raises(ConfigError, match=r"activations and logits .* it fits with "
                                           r"model.recompute_granularity=selective \("):
         check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
-    cfg.model.recompute_granularity = "selective"  # 5as/h = 80 of the 114 per-layer terms gone
+    cfg.model.recompute_granularity = "selective"  # the repeated K and V, 4 of the 38 per-layer terms, gone
     check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
-    cfg.model.recompute_granularity, cfg.optimizer.bf16 = None, True  # bf16: flash, no scores to recompute
+    cfg.model.recompute_granularity, cfg.optimizer.bf16 = None, True  # bf16: flash, nothing to recompute
     check_fits(cfg, plan_layout(cfg.train, 1), "cuda", gpu)
 
 
@@ -376,14 +376,26 @@ def test_qwen3_8b_on_eight_70_gib_ranks_needs_tensor_parallel_4_only_when_scores
 
 # --- the target: attention kernel, construction peak, time, the real device -------------------------------
 
-@pytest.mark.parametrize(("precision", "device", "gqa", "kernel"), [
-    ("bf16", "cuda", True, "flash"), ("fp16", "cuda", True, "flash"), ("fp32", "cuda", True, "math"),
-    ("fp32", "cuda", False, "efficient"), ("fp32", "cpu", True, "flash"), ("bf16", "cpu", True, "flash"),
+@pytest.mark.parametrize(("precision", "device", "kernel"), [
+    ("bf16", "cuda", "flash"), ("fp16", "cuda", "flash"), ("fp32", "cuda", "efficient"),
+    ("fp64", "cuda", "math"),
+    ("bf16", "cpu", "flash"), ("fp16", "cpu", "flash"), ("fp32", "cpu", "flash"), ("fp64", "cpu", "flash"),
 ])
-def test_attention_kernel_rule(precision, device, gqa, kernel) -> None:
+def test_attention_kernel_rule(precision, device, kernel) -> None:
     from anneal.devices import attention_kernel
 
-    assert attention_kernel(precision, device, gqa=gqa) == kernel
+    assert attention_kernel(precision, device) == kernel
+
+
+def test_fp32_attention_on_cuda_counts_the_repeated_kv_not_the_scores() -> None:
+    s, b, h, a, d, L = 512, 2, 256, 4, 64, 4
+    cfg = _model_cfg(bf16=False)  # 4 query heads over 2 K/V groups, head dim 64
+    p = plan(cfg, 3200, [1], target=_gpu(0))
+    repeated_kv = 2 * b * a * s * d * 4  # K and V at every query head, fp32
+    assert p.kernel == "efficient"
+    assert p.ranks[0].activations == pytest.approx(L * (2 * 34 * s * b * h + repeated_kv))  # no 5as/h term
+    cfg.model.recompute_granularity = "selective"  # recomputes the attention core, the repetition with it
+    assert plan(cfg, 3200, [1], target=_gpu(0)).ranks[0].activations == pytest.approx(L * 2 * 34 * s * b * h)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -461,7 +473,9 @@ def test_pre_launch_check_admits_qwen3_0p6b_on_one_h100(monkeypatch) -> None:
     # counting the score matrices (the old estimate, 101 GiB) it would be refused
     with_scores = plan(cfg, 3200, [1], target=_gpu(0), kernel="math").ranks[0]
     assert with_scores.need > 78.61 * 1024**3
-    cfg.optimizer.bf16 = False  # fp32 with grouped queries runs the math kernel: refused on the same device
+    cfg.optimizer.bf16 = False  # fp32: the efficient kernel on K/V repeated to every head, no score matrices
+    check_fits(cfg, plan_layout(cfg.train, 1), "cuda")  # about 41 GiB, 3.5 of them the repeated K and V
+    cfg.train.micro_batch_size = 8  # four times the activations and logits: refused on the same device
     with pytest.raises(ConfigError, match=r"cuda:0 has 78.61 GiB free \(torch.cuda.mem_get_info on cuda:0\)"):
         check_fits(cfg, plan_layout(cfg.train, 1), "cuda")
 

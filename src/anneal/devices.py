@@ -64,20 +64,20 @@ _NAMES = (("H100 NVL", "H100-NVL"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-8
           ("B200", "B200"), ("MI300X", "MI300X"))
 
 
-def attention_kernel(precision: str, device_type: str, *, gqa: bool = True) -> str:
-    """The SDPA kernel the model's attention runs: ``flash``, ``efficient`` or ``math``.
+def attention_kernel(precision: str, device_type: str) -> str:
+    """The SDPA kernel the model's attention runs on these inputs: ``flash``, ``efficient`` or ``math``.
 
     Only ``math`` stores the ``[b, heads, s, s]`` score matrices for the backward pass (Korthikanti's
-    ``5·a·s/h`` term). On CUDA (and ROCm) 16-bit inputs run FlashAttention-2; fp32 is outside flash's
-    dtypes, and the memory-efficient kernel takes fp32 but rejects ``enable_gqa``, so fp32 with grouped
-    queries runs ``math``. On CPU, PyTorch's flash-attention-for-CPU kernel takes every dtype and
-    grouped queries (its backward keeps q, k, v, the output and the log-sum-exp; measured on 2.13).
+    ``5·a·s/h`` term). On CPU, PyTorch's flash-attention-for-CPU kernel takes every dtype and grouped
+    queries (its backward keeps q, k, v, the output and the log-sum-exp; measured on 2.13). On CUDA (and
+    ROCm) 16-bit inputs run FlashAttention-2; fp32 is outside flash's dtypes and runs the memory-efficient
+    kernel, which rejects ``enable_gqa``: with grouped queries the model repeats K and V to every query
+    head first (``anneal.model.qwen3.expands_kv``), and those copies are kept for the backward. Other
+    dtypes (fp64) fall to ``math``.
     """
-    if device_type == "cpu":
+    if device_type == "cpu" or precision in ("bf16", "fp16"):
         return "flash"
-    if precision in ("bf16", "fp16"):
-        return "flash"
-    return "math" if gqa else "efficient"
+    return "efficient" if precision == "fp32" else "math"
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from anneal.config.container import ConfigContainer
 from anneal.config.optimizer import OptimizerConfig
 from anneal.devices import ACCELERATORS, DEFAULT_MFU, MFU_ANCHOR, Target
-from anneal.planner import (GIB, MIB, Estimate, Plan, RankMemory, activation_bytes, advice, logits_bytes,
-                            working_memory)
+from anneal.planner import (GIB, MIB, Estimate, Plan, RankMemory, activation_bytes, advice, kernel_keeps,
+                            logits_bytes, working_memory)
 
 KERNELS = {"flash": "SDPA flash attention, no score matrices stored",
            "efficient": "SDPA memory-efficient attention, no score matrices stored",
@@ -112,21 +112,22 @@ def _table(head: tuple[str, ...], rows: list[tuple], ranks: Sequence[RankMemory]
 
 def _working_lines(cfg: ConfigContainer, kernel: str) -> list[str]:
     """One microbatch's activations and logits, this config's and the alternatives' (Korthikanti et al.)."""
-    m, mbs, opt, scores = cfg.model, cfg.train.micro_batch_size, cfg.optimizer, kernel == "math"
+    m, mbs, opt, keeps = cfg.model, cfg.train.micro_batch_size, cfg.optimizer, kernel_keeps(cfg.model, kernel)
     activations, logits = working_memory(cfg, kernel)
     full = m.recompute_num_layers if m.recompute_granularity == "full" else 1
     setting = (m.recompute_granularity or "no recompute") + (
         f", {m.recompute_method} {full}" if m.recompute_granularity == "full" else "")
-    options = {"none": activation_bytes(m, mbs, opt, granularity=None, scores=scores),
-               "selective": activation_bytes(m, mbs, opt, granularity="selective", scores=scores),
+    options = {"none": activation_bytes(m, mbs, opt, granularity=None, **keeps),
+               "selective": activation_bytes(m, mbs, opt, granularity="selective", **keeps),
                "full uniform 1": activation_bytes(m, mbs, opt, granularity="full", method="uniform",
-                                                  num_layers=1, scores=scores)}
+                                                  num_layers=1, **keeps)}
     tp = f", tensor parallel {m.tensor_model_parallel_size}" if m.tensor_model_parallel_size > 1 else ""
     chunk = m.cross_entropy_chunk_size
     loss, other = (f"chunked per {chunk} tokens", 0) if chunk else ("plain", 1024)
     other_name = f"chunked per {other} tokens" if other else "plain"
     return [
-        f"attention: {KERNELS[kernel]}",
+        f"attention: {KERNELS[kernel]}" + (", K and V repeated to every query head (kept for the backward)"
+                                           if keeps["expanded_kv"] else ""),
         f"activations / microbatch ({mbs} × {m.seq_length} tokens{tp}): {_bytes(activations)} ({setting}); "
         + ", ".join(f"{name} {_bytes(x)}" for name, x in options.items()),
         f"logits / microbatch: {_bytes(logits)} ({loss}); {other_name} {_bytes(logits_bytes(m, mbs, other))}",

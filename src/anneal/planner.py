@@ -24,9 +24,12 @@ Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Mode
 accounting, tensor parallel without sequence parallel), per layer in 16-bit
 ``s·b·h·(10 + 24/t + 5·a·s/(h·t))`` bytes (twice that in fp32). The ``5·a·s/(h·t)`` term is the
 attention core's score matrices, stored only when SDPA runs its ``math`` kernel
-(``anneal.devices.attention_kernel``: fp32 with grouped queries on CUDA); flash and memory-efficient
-SDPA keep none, and then ``selective`` recompute saves nothing. ``selective`` drops that term;
-``full`` keeps each recomputed unit's input (``2·s·b·h``) plus the activations of the unit being
+(``anneal.devices.attention_kernel``); flash and memory-efficient SDPA keep none. Under grouped queries
+the memory-efficient kernel (fp32 on CUDA) runs on K and V repeated to every query head (``d`` = head
+dim), which it keeps for the backward: ``2·2·s·b·a·d/t`` more bytes per layer (16-bit terms), counted
+whole on top of the formula (an upper bound: the grouped K and V they replace are freed). ``selective``
+recomputes the attention core, so it drops the scores and the repeated K/V (and saves nothing under
+flash); ``full`` keeps each recomputed unit's input (``2·s·b·h``) plus the activations of the unit being
 recomputed. The loss holds three fp32 ``[tokens, vocab]`` tensors at its peak
 (``12·s·b·v`` bytes; measured on CPU) or three ``[chunk, vocab]`` ones with
 ``model.cross_entropy_chunk_size``; the output layer is replicated under tensor parallel, so these
@@ -255,17 +258,21 @@ def gathered_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: Shape
 
 
 def activation_bytes(model: ModelConfig, micro_batch_size: int, optimizer: OptimizerConfig, *,
-                     granularity: str | None, scores: bool, method: str | None = None,
-                     num_layers: int | None = None) -> float:
+                     granularity: str | None, scores: bool, expanded_kv: bool = False,
+                     method: str | None = None, num_layers: int | None = None) -> float:
     """One microbatch's layer activations per rank (Korthikanti et al.) under a recompute setting.
 
-    ``scores``: the attention kernel stores the score matrices (SDPA's math kernel; see the module).
+    ``scores``: the attention kernel stores the score matrices (SDPA's math kernel); ``expanded_kv``: it
+    keeps K and V repeated to every query head (the memory-efficient kernel under grouped queries). See
+    the module.
     """
     s, b, h, t = model.seq_length, micro_batch_size, model.hidden_size, model.tensor_model_parallel_size
-    a, layers = model.num_attention_heads, model.num_layers
+    a, d, layers = model.num_attention_heads, model.head_dim, model.num_layers
     scale = 2.0 if not (optimizer.bf16 or optimizer.fp16) else 1.0  # the formula counts 16-bit activations
     kept = s * b * h * (10 + 24 / t) * scale  # all but the attention core (scores, softmax, dropout)
-    layer = kept + (s * b * h * 5 * a * s / (h * t) * scale if scores else 0.0)
+    core = s * b * h * 5 * a * s / (h * t) * scale if scores else 0.0
+    core += 2 * (2 * s * b * a * d / t) * scale if expanded_kv else 0.0  # K and V, [b, a/t, s, d] each
+    layer = kept + core
     if granularity == "selective":
         return layers * kept
     if granularity != "full":
@@ -288,15 +295,21 @@ def precision(optimizer: OptimizerConfig) -> str:
 
 def kernel_of(cfg: ConfigContainer, device_type: str) -> str:
     """The SDPA kernel the config's attention runs on ``device_type`` (cpu or cuda)."""
-    gqa = cfg.model.num_kv_heads != cfg.model.num_attention_heads
-    return attention_kernel(precision(cfg.optimizer), device_type, gqa=gqa)
+    return attention_kernel(precision(cfg.optimizer), device_type)
+
+
+def kernel_keeps(m: ModelConfig, kernel: str) -> dict[str, bool]:
+    """What the attention ``kernel`` keeps for the backward besides q, k, v: the score matrices (math), or
+    K and V repeated to every query head (grouped queries on the memory-efficient kernel)."""
+    return {"scores": kernel == "math",
+            "expanded_kv": m.num_kv_heads != m.num_attention_heads and kernel == "efficient"}
 
 
 def working_memory(cfg: ConfigContainer, kernel: str) -> tuple[float, float]:
     """(activations, logits) bytes of one microbatch for the config's recompute, loss and tensor parallel."""
     m, b = cfg.model, cfg.train.micro_batch_size
     activations = activation_bytes(m, b, cfg.optimizer, granularity=m.recompute_granularity,
-                                   scores=kernel == "math", method=m.recompute_method,
+                                   **kernel_keeps(m, kernel), method=m.recompute_method,
                                    num_layers=m.recompute_num_layers)
     return activations, logits_bytes(m, b, m.cross_entropy_chunk_size)
 

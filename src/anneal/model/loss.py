@@ -9,9 +9,14 @@ for the loss is then ``chunk_size × vocab`` fp32 values instead of several ``to
 
 The gradient of each chunk is formed as autograd forms the plain one: ``(softmax - onehot) ×
 grad / tokens`` in fp32, cast to the weights' dtype, then the two matmuls; so a loss scale (fp16)
-is applied before the cast, as in the plain path. The weight gradient is summed over chunks in fp32
-(a transient fp32 ``[vocab, hidden]`` buffer in the backward pass). Every label counts: there is no
-``ignore_index`` (pretraining windows hold no padding).
+is applied before the cast, as in the plain path. The weight gradient is summed over chunks in one
+fp32 ``[vocab, hidden]`` accumulator (transient, in the backward pass), by one fp32 GEMM per chunk
+written into it; its operands are the chunk's gradient (its 16-bit values, in the fp32 buffer that held
+the chunk's softmax) and the chunk's hidden states upcast, so no other ``[vocab, hidden]`` tensor is
+made. Products of 16-bit values are exact in fp32: this is the sum the plain path's 16-bit GEMM
+accumulates in fp32, rounded once at the end. (A 16-bit GEMM adding into an fp32 tensor does not exist on
+CPU, and ``out_dtype`` is CUDA-only, so the GEMM is fp32 everywhere: on CUDA it runs at the fp32 matmul
+precision.) Every label counts: there is no ``ignore_index`` (pretraining windows hold no padding).
 """
 
 from __future__ import annotations
@@ -50,13 +55,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for rows in _chunks(hidden.shape[0], ctx.chunk_size):
-            g = F.linear(hidden[rows], weight).float().sub_(lse[rows, None]).exp_()  # softmax
+            g = F.linear(hidden[rows], weight).float().sub_(lse[rows, None]).exp_()  # softmax, fp32
             g[torch.arange(g.shape[0], device=g.device), labels[rows]] -= 1.0
-            g = g.mul_(scale).to(hidden.dtype)
+            g_low = g.mul_(scale).to(hidden.dtype)  # what the plain path's matmuls get from autograd
             if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[rows])
+                torch.mm(g_low, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                _add_product(grad_weight, g.t(), hidden[rows])
+                g.copy_(g_low)  # g rounded to the 16-bit values (a no-op when hidden is fp32)
+                grad_weight.addmm_(g.t(), hidden[rows].float())  # one fp32 GEMM into the accumulator
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None
@@ -64,11 +70,3 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a @ b`` with ``out`` fp32: in place when the operands are fp32, else via one cast."""
-    if a.dtype == torch.float32:
-        out.addmm_(a, b)
-    else:
-        out += torch.mm(a, b).float()

@@ -1,8 +1,8 @@
 """The Qwen3 decoder in plain PyTorch, numerically matching Hugging Face's ``Qwen3ForCausalLM``.
 
 Per layer: RMSNorm -> attention (q/k/v/o without bias, per-head RMSNorm on q and k, RoPE, causal
-grouped-query SDPA) -> residual; RMSNorm -> SwiGLU MLP -> residual. Then a final RMSNorm and the
-output layer, which reuses the embedding weight when the two are tied (there is then no
+grouped-query SDPA: ``causal_attention``) -> residual; RMSNorm -> SwiGLU MLP -> residual. Then a final
+RMSNorm and the output layer, which reuses the embedding weight when the two are tied (there is then no
 ``output_layer`` parameter, as in Megatron).
 
 Parameter names (``embedding.weight``, ``layers.0.self_attn.q_norm.weight``,
@@ -18,7 +18,6 @@ inside the forward so that wrappers (FSDP, compile) see one call: chunked over t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -26,11 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from anneal.config.model import ModelConfig
+from anneal.devices import attention_kernel
 from anneal.model.loss import linear_cross_entropy
 from anneal.model.recompute import maybe_recompute, recompute_units
 
 # Output projections of each residual branch get std / sqrt(2 * num_layers), as in Megatron.
 _SCALED_INIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
+# Attention input dtypes by the names anneal.devices.attention_kernel takes.
+_PRECISIONS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 class RMSNorm(nn.Module):
@@ -69,16 +71,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def expands_kv(dtype: torch.dtype, device_type: str, gqa: bool) -> bool:
+    """Whether attention repeats each K/V head over its query group before SDPA, instead of ``enable_gqa``.
+
+    Under grouped queries, when the kernel that runs is the memory-efficient one (fp32 on CUDA, as
+    ``anneal.devices.attention_kernel`` says): it rejects ``enable_gqa``, and SDPA would fall back to the
+    math kernel, which stores every ``[b, heads, s, s]`` score matrix.
+    """
+    return gqa and attention_kernel(_PRECISIONS[dtype], device_type) == "efficient"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device_type: str) -> torch.Tensor:
+    """Causal SDPA of ``q [b, heads, s, d]`` over ``k``, ``v [b, kv_heads, s, d]`` as run on ``device_type``.
+
+    The model passes its tensors' device type; a test passes ``"cuda"`` to run CUDA's fp32 path on CPU.
+    """
+    group = q.shape[1] // k.shape[1]  # query heads per K/V head
+    expand = expands_kv(q.dtype, device_type, group > 1)
+    if expand:  # K/V head j serves query heads j·group to j·group + group - 1, as enable_gqa pairs them
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1 and not expand)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with optional per-head q/k RMSNorm and RoPE."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        q_width = self.num_heads * self.head_dim
-        kv_width = self.num_kv_heads * self.head_dim
+        q_width = cfg.num_attention_heads * self.head_dim
+        kv_width = cfg.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=False)
@@ -98,9 +120,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attend = functools.partial(F.scaled_dot_product_attention, is_causal=True,
-                                   enable_gqa=self.num_kv_heads != self.num_heads)
-        context = maybe_recompute(self.recompute_core, attend, q, k, v)
+        context = maybe_recompute(self.recompute_core, causal_attention, q, k, v, x.device.type)
         return self.o_proj(context.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
