@@ -90,7 +90,8 @@ FLAGS = SimpleNamespace(override_opt_param_scheduler=False, use_checkpoint_opt_p
 
 
 def config(**overrides) -> OptimizerConfig:
-    base = {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.1, "clip_grad": 0.3, "adam_beta2": 0.95}
+    base = {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.1, "clip_grad": 0.3, "adam_beta2": 0.95,
+            "distributed_backend": "native"}  # named: a test never depends on what ``auto`` finds installed
     return OptimizerConfig(**{**base, **overrides})
 
 

@@ -6,9 +6,11 @@ checkpoint that was good stays the latest and loads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -230,7 +232,8 @@ def _kill_the_frozen_rank(line: str) -> None:
 
 def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    overrides = ["train.train_iters=40", "dist.timeout_minutes=0.25", "logger.log_interval=2"]
+    overrides = ["train.train_iters=40", "dist.timeout_minutes=0.25", "logger.log_interval=2",
+                 "checkpoint.save_interval=2"]
     start = time.monotonic()
     proc = subprocess.Popen(_command(run, overrides, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env("stop_at_iteration:5:1"), cwd=run.parent, start_new_session=True)
@@ -253,12 +256,73 @@ def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp_path: Path) -> None:
     result = subprocess.CompletedProcess(proc.args, returncode, "".join(stdout), "".join(stderr))
     assert result.returncode != 0, result.stderr[-3000:]
     (line,) = _error_lines(result.stderr)
-    assert "a collective timed out after dist.timeout_minutes (0.25) while training after iteration 4" in line
-    assert "rank 1 (last in iteration 4) stalled or died" in line
-    # 15 s of timeout after start-up and 4 iterations; then the job ends: rank 0 exits, torchrun stops rank 1
-    # (at once when the frozen rank is killed above, else after torchrun's 30 s).
+    # Named by the peer monitor from rank 1's silent heartbeat, before the collective's timeout: the same
+    # mechanism that runs before NCCL's watchdog aborts the process.
+    assert re.fullmatch(r"anneal: error: rank 1 \(no heartbeat for 1[3-6] s\) stalled or died in iteration 5: "
+                        r"this rank waited 1[3-5] s, close to dist\.timeout_minutes \(0\.25\); "
+                        r"relaunch to resume from \S+/ckpt/iter_0000004", line), line
+    assert (run / "exit_code").read_text() == "1\n"
+    # 13.5 s (0.9 of the timeout) after start-up and 4 iterations; then the job ends: rank 0 exits, torchrun
+    # stops rank 1 (at once when the frozen rank is killed above, else after torchrun's 30 s).
     assert reported is not None and reported < 15 + 40, reported
     assert time.monotonic() - start < reported + 45
+
+
+def test_a_lost_node_is_named_with_the_checkpoint_to_resume_from(tmp_path: Path) -> None:
+    """Two torchrun "nodes" on loopback; node 1 (its agent and its worker) is SIGKILLed mid-run. The survivor's
+    collective fails at once with gloo's "Connection reset/closed by peer"; the peer monitor names the lost rank
+    from its silent heartbeat, with the iteration and the checkpoint to resume from."""
+    run, port = tmp_path / "run", free_port()
+    args = [*TINY, f"hydra.run.dir={run}", f"checkpoint.save={run / 'ckpt'}", "train.train_iters=100000",
+            "checkpoint.save_interval=2", "logger.log_interval=2", "dist.timeout_minutes=0.25"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-node",
+           str(ROOT / "scripts" / "pretrain.py"), *args]
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]  # noqa: SIM115
+    start = lambda log: subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,  # noqa: E731
+                                         env=_env(None), cwd=tmp_path)
+    survivor = start(logs[0])  # the first agent binds the port and hosts the job's store, as a first node does
+    deadline = time.monotonic() + 180
+    while not _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lost = start(logs[1])
+    try:
+        while (files.latest(run / "ckpt") is None or _latest(run) < 4) and time.monotonic() < deadline:
+            assert survivor.poll() is None and lost.poll() is None, Path(logs[0].name).read_text()[-3000:]
+            time.sleep(0.2)
+        for pid in (lost.pid, *_children(lost.pid)):  # the whole node: torchrun starts workers in their own session
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        survivor.wait(timeout=90)
+    finally:
+        for agent in (survivor, lost):
+            for pid in (*_children(agent.pid), agent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    output = Path(logs[0].name).read_text()
+    assert survivor.returncode != 0, output[-3000:]
+    (line,) = _error_lines(output)
+    rank = 1 if line.startswith("anneal: error: [rank 1] ") else 0  # the survivor's
+    match = re.fullmatch(rf"anneal: error: (\[rank 1\] )?lost rank {1 - rank} \(no heartbeat for \d+ s\) while "
+                         r"training after iteration (\d+): its process or node is gone \(.*(reset|closed) by peer.*\); "
+                         r"relaunch to resume from \S+/ckpt/iter_(\d+)", line)
+    assert match, line
+    assert 4 <= int(match.group(4)) <= int(match.group(2)) <= int(match.group(4)) + 2
+    assert time.monotonic() - killed < 60
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def test_a_corrupted_checkpoint_under_torchrun_fails_loudly(tmp_path: Path) -> None:

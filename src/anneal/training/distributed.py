@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from anneal.config.runtime import DistributedConfig
+from anneal.errors import ConfigError
 from anneal.parallel import ParallelDims, with_mesh
 
 _joined = False  # set once this process has joined a process group
@@ -45,14 +46,31 @@ class DistContext:
 
 
 def resolve_device(cfg: DistributedConfig, local_rank: int) -> torch.device:
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    device = pick_device(cfg.device, local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
-def _job_store(timeout: datetime.timedelta) -> dist.Store:
+def set_matmul_precision(tf32: bool, device: torch.device) -> str:
+    """Let fp32 matmuls on CUDA use TF32 (``optimizer.tf32``); the precision in force, for the banner and MFU."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    return torch.get_float32_matmul_precision()
+
+
+def pick_device(setting: str, local_rank: int, gpus: int) -> torch.device:
+    """The device of local rank ``local_rank`` for ``dist.device`` ``setting`` on a node with ``gpus`` GPUs."""
+    if setting == "cpu" or (setting == "auto" and gpus == 0):
+        return torch.device("cpu")
+    if local_rank >= gpus:  # CUDA's own word for this is "invalid device ordinal"
+        raise ConfigError(f"dist.device ({setting!r}) runs one process per GPU: local rank {local_rank} has none "
+                          f"({gpus} visible); start at most {gpus} per node (--nproc-per-node) or set "
+                          "dist.device=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def job_store(timeout: datetime.timedelta) -> dist.Store:
     """torchrun's store, prefixed by the restart attempt so a restart never reads stale keys."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
@@ -62,7 +80,7 @@ def _job_store(timeout: datetime.timedelta) -> dist.Store:
 
 def agree_on_run_dir(timeout_s: float = 300) -> str:
     """Rank 0's timestamped run directory, shared with every rank through torchrun's store."""
-    store = _job_store(datetime.timedelta(seconds=timeout_s))
+    store = job_store(datetime.timedelta(seconds=timeout_s))
     if int(os.environ.get("RANK", "0")) == 0:
         store.set("run_dir", datetime.datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S"))
     return store.get("run_dir").decode()
@@ -78,7 +96,7 @@ def init_distributed(cfg: DistributedConfig, layout: ParallelDims) -> DistContex
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
     # FSDP2 on one process still needs a (one-rank) group: its checkpoints then load on any layout.
-    store = _job_store(timeout) if world_size > 1 else dist.HashStore()
+    store = job_store(timeout) if world_size > 1 else dist.HashStore()
     global _joined
     _joined = True
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
@@ -116,25 +134,3 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def heartbeat(ctx: DistContext, iteration: int) -> None:
-    """Publish the iteration this rank is in (the job's store, not a collective), to name a stalled rank."""
-    if ctx.backend is not None:
-        dist.distributed_c10d._get_default_store().set(f"anneal_heartbeat/{ctx.rank}", str(iteration))
-
-
-def behind_ranks(ctx: DistContext) -> str:
-    """'rank 1 (last in iteration 4)': the ranks whose last heartbeat is the oldest, or '' if unknown."""
-    if ctx.backend is None or not dist.is_initialized():
-        return ""
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        seen = {r: int(store.get(f"anneal_heartbeat/{r}")) if store.check([f"anneal_heartbeat/{r}"]) else 0
-                for r in range(ctx.world_size)}
-    except Exception:  # the store is the job's, which may be gone too: the names are a bonus
-        return ""
-    oldest = min(seen.values())
-    if oldest == max(seen.values()):
-        return ""
-    return ", ".join(f"rank {r} (last in iteration {it})" for r, it in seen.items() if it == oldest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,9 +27,10 @@ from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
 from anneal.parallelize import build_sharded, parallelize
 from anneal.resume import ResumePlan, plan_resume, write_lineage
-from anneal.errors import RunError
-from anneal.training.distributed import DistContext, behind_ranks, init_distributed, shutdown
+from anneal.errors import AnnealError, RunError
+from anneal.training.distributed import DistContext, init_distributed, set_matmul_precision, shutdown
 from anneal.training.metrics import MetricsLogger, Throughput, continued_wandb_run, peak_flops
+from anneal.training.peers import PeerMonitor, is_lost_peer, transport_cause
 from anneal.training.profiling import ProfilerWindow
 from anneal.training.signals import StopSignals
 from anneal.training.trainer import LoopParts, Trainer
@@ -82,6 +84,10 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
     _say(f"anneal: building the model ({num_parameters(cfg.model) / 1e6:.2f}M parameters on {ctx.device}) "
          "and the optimizer")
+    precision = set_matmul_precision(cfg.optimizer.tf32, ctx.device)  # before the model and the MFU's peak
+    if ctx.device.type == "cuda":
+        _say(f"anneal: fp32 matmuls at precision {precision!r} "
+             + ("(TF32; optimizer.tf32=false for full fp32)" if precision != "highest" else "(full fp32)"))
     model = _build_model(cfg, ctx)
     derived = plan.derived  # the schedule in force after the resume decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
@@ -114,10 +120,14 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
                       throughput=throughput, profiler=profiler)
     trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
                       log_interval=cfg.logger.log_interval, state=state)
-    stage.now, stage.trainer = "training", trainer
-    with StopSignals(lambda: _abort_line(trainer, checkpointer)) as stop:
-        trainer.train(stop)
-    stage.now, stage.trainer = "finishing", None
+    stage.now, stage.trainer, stage.checkpointer = "training", trainer, checkpointer
+    with _peer_monitor(cfg, ctx, trainer, checkpointer) as stage.monitor:
+        try:
+            with StopSignals(lambda: _abort_line(trainer, checkpointer)) as stop:
+                trainer.train(stop)
+        except RuntimeError as error:  # explained while the monitor still beats: a lost peer falls silent
+            raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
+    stage.now, stage.trainer, stage.monitor = "finishing", None, None
     profiler.close()  # a window reaching past the last iteration still writes what it recorded
     if ctx.is_main and cfg.logger.plot_schedule:
         _plot(scheduler, derived, out, trainer, metrics, seq_length=cfg.model.seq_length)
@@ -165,21 +175,47 @@ def _plot(scheduler, derived: Derived, out: Path, trainer: Trainer, metrics: Met
     metrics.info(f"schedule plot: {png}")
 
 
+def _peer_monitor(cfg: ConfigContainer, ctx: DistContext, trainer: Trainer, checkpointer: Checkpointer):
+    """The heartbeat and stall watch of this rank while it trains (``anneal.training.peers``); none alone."""
+    if ctx.world_size == 1:
+        return contextlib.nullcontext()
+
+    def stalled(named: str) -> None:  # on the monitor's thread: the main one waits in a collective
+        exits.report(RunError(f"{named}; {_resume_hint(checkpointer)}"))
+        exits.record(exits.FAILED, run_dir())
+        os._exit(exits.FAILED)  # before the watchdog aborts the process (NCCL) or gloo's timeout fires
+
+    return PeerMonitor.for_job(rank=ctx.rank, world_size=ctx.world_size, timeout_s=cfg.dist.timeout_minutes * 60,
+                               progress=lambda: trainer.state.iteration, on_stall=stalled)
+
+
 class Stage:
-    """What the run is doing now, for the one line a stalled or dead peer's timeout becomes."""
+    """What the run is doing now, for the one line a stalled or lost peer's error becomes."""
 
     def __init__(self) -> None:
         self.now = "joining the process group"
         self.trainer: Trainer | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.monitor: PeerMonitor | None = None
 
     def explain(self, error: RuntimeError, ctx: DistContext, timeout_minutes: float) -> RuntimeError:
-        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+        if isinstance(error, AnnealError):  # already one line of ours
             return error
         where = self.now if self.trainer is None else f"{self.now} after iteration {self.trainer.state.iteration}"
-        behind = behind_ranks(ctx)
-        who = f"{behind} stalled or died" if behind else "another rank stalled or died"
+        resume = f"; {_resume_hint(self.checkpointer)}" if self.checkpointer is not None else ""
+        if is_lost_peer(error):
+            lost = self.monitor.lost() if self.monitor is not None else ""
+            return RunError(f"lost {lost or 'a peer rank'} while {where}: its process or node is gone "
+                            f"({transport_cause(error)}){resume}")
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            return error
         return RunError(f"a collective timed out after dist.timeout_minutes ({timeout_minutes}) while {where}: "
-                        f"{who} (see its log)")
+                        f"another rank stalled or died (see its log){resume}")
+
+
+def _resume_hint(checkpointer: Checkpointer) -> str:
+    latest = checkpointer.latest()
+    return f"relaunch to resume from {latest}" if latest is not None else "no checkpoint saved yet"
 
 
 def _already_complete(iteration: int, train_iters: int) -> str:

@@ -24,7 +24,7 @@ from anneal.config.training import TrainingConfig
 from anneal.data.loader import get_microbatch
 from anneal.scheduler.protocol import ParamScheduler
 from anneal.faults import fault_iteration, kill_self, stop_self
-from anneal.training.distributed import DistContext, all_reduce_mean, any_rank, heartbeat
+from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
 from anneal.training.health import NonFiniteWatch
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb, reset_peak_memory
 from anneal.training.profiling import ProfilerWindow
@@ -100,7 +100,6 @@ class Trainer:
                 kill_self()  # test hook: SIGKILL as this iteration starts
             if self._stop_at == s.iteration + 1:
                 stop_self()  # test hook: SIGSTOP, a stalled rank
-            heartbeat(self.ctx, s.iteration + 1)  # a store write, no device sync: names a stalled rank later
             logging_step = (s.iteration + 1) % self.log_interval == 0 or s.iteration + 1 == self.train_iters
             if logging_step:  # read before the step: the lr/wd this iteration's update applies
                 lr, wd = self._applied_lr_wd()
