@@ -3,9 +3,14 @@ size (timings are not asserted)."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
+import torch
 
 from anneal.config.model import ModelConfig
+from anneal.config.runtime import DistributedConfig
 from anneal.model.qwen3 import build_model
 
 
@@ -38,3 +43,45 @@ def test_the_dry_run_threshold_is_its_ratio_to_import_torch(monkeypatch) -> None
     assert [line.split(" =")[0] for line in report.regressions(results)] == ["dry_run_vs_import_torch"]
     seconds["dry_run"] = 1.19 * 1.28
     assert report.regressions(launcher.startup(1)) == []
+
+
+def test_bare_loop_section_trains_and_times_on_the_device_it_picked(monkeypatch, capsys) -> None:
+    from anneal.bench import bare_loop
+
+    timed_on, timed = [], bare_loop.timed
+    monkeypatch.setattr(bare_loop, "timed", lambda fn, device: timed_on.append(device) or timed(fn, device))
+    argv = ["bare_loop", "--iters", "2", "--warmup", "1", "train.global_batch_size=8"]  # one microbatch
+    monkeypatch.setattr(sys, "argv", argv)
+    bare_loop.main()
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert figures["tokens_per_s"] > 0 and timed_on == [torch.device("cpu")]
+
+
+@pytest.mark.parametrize(("setting", "gpus", "local_rank", "expected"),
+                         [("auto", 0, "0", "cpu"), ("cpu", 1, "0", "cpu"), ("auto", 1, "0", "cuda:0"),
+                          ("cuda", 1, "0", "cuda:0"), ("auto", 2, "1", "cuda:1")])
+def test_the_bare_loop_picks_the_launchers_device(monkeypatch, setting, gpus, local_rank, expected) -> None:
+    from anneal.bench.bare_loop import baseline_device
+    from anneal.parallel import single_process
+    from anneal.training.distributed import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # this host has no GPU to select
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    dist_cfg = DistributedConfig(device=setting)
+    launcher = init_distributed(dist_cfg, single_process()).device  # what scripts/pretrain.py trains on
+    assert baseline_device(dist_cfg) == launcher == torch.device(expected)
+
+
+@pytest.mark.parametrize(("device", "expected"), [
+    ("cuda:0", ["sync cuda:0", "clock", "work", "sync cuda:0", "clock"]),
+    ("cpu", ["clock", "work", "clock"])])
+def test_the_timed_region_is_fenced_by_device_syncs(monkeypatch, device: str, expected: list[str]) -> None:
+    from anneal.bench import bare_loop
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(f"sync {device}"))
+    monkeypatch.setattr(bare_loop.time, "perf_counter", lambda: calls.append("clock") or float(len(calls)))
+    result, seconds = bare_loop.timed(lambda: calls.append("work") or "done", torch.device(device))
+    assert calls == expected and result == "done" and seconds > 0  # the clock reads after the kernels finish

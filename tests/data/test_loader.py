@@ -1,4 +1,5 @@
-"""The microbatch loader follows Megatron's pretraining sampler: every data-parallel size reads the same."""
+"""The microbatch loader follows Megatron's pretraining sampler: every data-parallel size reads the same;
+the prefetching ``Microbatches`` reads what the plain path reads, in its order, one microbatch ahead."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from anneal.config.dataset import DatasetConfig
 from anneal.data.datasets import build_datasets
-from anneal.data.loader import get_microbatch, microbatch_samples
+from anneal.config.batch import BatchRamp
+from anneal.data.loader import HostCopy, Microbatches, get_microbatch, microbatch_samples
 
 SEQ = 8
 GLOBAL_BATCH = 8
@@ -66,3 +68,43 @@ def test_bad_arguments_are_refused(kwargs: dict) -> None:
     args |= kwargs
     with pytest.raises(ValueError):
         microbatch_samples(**args)
+
+
+class _Recording:
+    """A dataset that logs each read, to see what was requested when."""
+
+    def __init__(self, data) -> None:
+        self.data, self.reads = data, []
+
+    def gather(self, samples: np.ndarray) -> np.ndarray:
+        self.reads.append(samples.tolist())
+        return self.data.gather(samples)
+
+
+def _prefetched(data, consumed: int, num_microbatches: int, dp_rank: int, dp_size: int) -> Microbatches:
+    return Microbatches(data, HostCopy(), consumed_samples=consumed, num_microbatches=num_microbatches,
+                        micro_batch_size=2, dp_rank=dp_rank, dp_size=dp_size)
+
+
+@pytest.mark.parametrize("dp_rank", [0, 1])
+def test_prefetched_microbatches_are_the_plain_ones_over_a_ramp_from_a_resume(train, dp_rank: int) -> None:
+    ramp = BatchRamp(global_batch_size=16, start=4, increment=4, ramp_samples=48)  # 4, 4, 4, 4, 8, 8, 12, …
+    consumed, sizes = ramp.samples_after(3), []  # resumed mid-ramp, after three iterations
+    for _ in range(7):
+        batch = ramp.batch_size_at(consumed)
+        num_microbatches = batch // (2 * 2)  # micro batch 2, dp 2
+        plain = [get_microbatch(train, consumed_samples=consumed, microbatch=m, micro_batch_size=2,
+                                dp_rank=dp_rank, dp_size=2) for m in range(num_microbatches)]
+        prefetched = list(_prefetched(train, consumed, num_microbatches, dp_rank, dp_size=2))
+        assert len(prefetched) == num_microbatches
+        assert all(torch.equal(a, b) for a, b in zip(prefetched, plain))
+        consumed, sizes = consumed + batch, sizes + [batch]
+    assert sizes == [4, 8, 8, 12, 12, 16, 16]  # the ramp's every level, and past its end
+
+
+def test_microbatch_i_comes_with_i_plus_1_read_and_nothing_past_the_iteration(train) -> None:
+    data = _Recording(train)
+    for micro, _ in enumerate(_prefetched(data, consumed=40, num_microbatches=3, dp_rank=0, dp_size=1)):
+        ahead = min(micro + 1, 2)  # the last one has nothing after it in the iteration
+        assert data.reads == [[40 + 2 * m, 41 + 2 * m] for m in range(ahead + 1)], micro
+    assert data.reads == [[40, 41], [42, 43], [44, 45]]  # each once, none of the next iteration's

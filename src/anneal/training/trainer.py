@@ -21,7 +21,7 @@ import torch
 
 from anneal.config.batch import BatchRamp
 from anneal.config.training import TrainingConfig
-from anneal.data.loader import get_microbatch
+from anneal.data.loader import Microbatches, device_copy
 from anneal.scheduler.protocol import ParamScheduler
 from anneal.faults import fault_iteration, kill_self, stop_self
 from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
@@ -79,6 +79,7 @@ class Trainer:
         self.applied: list[dict[str, float]] = []  # lr/wd applied at each logged iteration, for the plot
         self._kill_at = fault_iteration("kill_at_iteration", ctx.rank)
         self._stop_at = fault_iteration("stop_at_iteration", ctx.rank)
+        self._copy = device_copy(ctx.device)  # pinned, prefetched on a side stream on CUDA; as is on the CPU
 
     def train(self, stop: Any = None) -> TrainState:
         """Run to ``train_iters`` or until ``stop.signum`` is set (``StopSignals``); then save."""
@@ -144,10 +145,7 @@ class Trainer:
         p.model.train()
         p.optimizer.zero_grad()
         loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(num_micro):
-            tokens = get_microbatch(p.train_data, consumed_samples=s.consumed_samples, microbatch=micro,
-                                    micro_batch_size=self.cfg.micro_batch_size, dp_rank=dims.dp_rank,
-                                    dp_size=dims.dp_size).to(ctx.device, non_blocking=True)
+        for tokens in self._microbatches(p.train_data, s.consumed_samples, num_micro):
             loss = _lm_loss(p.model, tokens)
             p.optimizer.scale_loss(loss / num_micro).backward()
             loss_sum += loss.detach()
@@ -169,12 +167,22 @@ class Trainer:
         total = torch.zeros((), device=ctx.device)
         num_micro = dims.microbatches(cfg)
         for it in range(cfg.eval_iters):
-            for micro in range(num_micro):
-                tokens = get_microbatch(p.valid_data, consumed_samples=it * cfg.global_batch_size, microbatch=micro,
-                                        micro_batch_size=cfg.micro_batch_size, dp_rank=dims.dp_rank,
-                                        dp_size=dims.dp_size).to(ctx.device)
+            for tokens in self._microbatches(p.valid_data, it * cfg.global_batch_size, num_micro):
                 total += _lm_loss(p.model, tokens)
         return all_reduce_mean(total / (cfg.eval_iters * num_micro), dims).item()
+
+    def _microbatches(self, dataset: Any, consumed_samples: int, num_microbatches: int) -> Microbatches:
+        """This rank's microbatches of the batch at ``consumed_samples``, each copied as the one before computes.
+
+        Prefetching stops at the iteration's end: whether another iteration runs (a stop, an exit interval)
+        and what comes first (an evaluation, a save) are known only after it, so nothing read ahead outlives
+        a stop or a checkpoint, and each iteration reads its own batch size (a ramp) afresh. Little is lost:
+        the host runs ahead of the GPU, so microbatch 0's copy overlaps the previous optimizer step.
+        """
+        dims = self.ctx.parallel
+        return Microbatches(dataset, self._copy, consumed_samples=consumed_samples,
+                            num_microbatches=num_microbatches, micro_batch_size=self.cfg.micro_batch_size,
+                            dp_rank=dims.dp_rank, dp_size=dims.dp_size)
 
     def _applied_lr_wd(self) -> tuple[float, float]:
         """The lr and wd this iteration's update will use (what the scheduler last wrote)."""
