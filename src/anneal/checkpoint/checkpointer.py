@@ -5,6 +5,9 @@ on M; everything else is JSON. Loading verifies the manifest first and reads DCP
 restricted unpickler: a truncated, corrupted or foreign checkpoint is refused with the file named and
 the earlier checkpoint to fall back to, and a failed load writes nothing. A save writes nothing when
 the state is not finite or the disk too small, and a failed save removes what it wrote (``guards``).
+
+No rank reads the whole checkpoint for its checksums: a save's manifest is merged from each rank's
+checksums of the files it wrote, and a load splits the files among the ranks by bytes.
 """
 
 from __future__ import annotations
@@ -143,11 +146,12 @@ class Checkpointer:
         part, final = files.partial_dir(self.save_dir, it), files.iter_dir(self.save_dir, it)
         settle = partial(self._settle, it=it, part=part)
         settle(self._on_main(lambda: self._prepare(part, tensors, it), it))
-        settle(self._gathered(_attempt(lambda: self._write_tensors(tensors, part, it), it, self.save_dir)))
-        settle(self._on_main(lambda: self._finish(state, plain, part, final), it), final=final)
+        error, parts = self._write_and_checksum(tensors, part, it)
+        settle(error)
+        settle(self._on_main(lambda: self._finish(state, plain, part, final, parts), it), final=final)
+        self._barrier()  # every rank has finished a complete save: only now may older checkpoints go
         if self.ctx.is_main and self.cfg.most_recent_k:
-            files.prune(self.save_dir, self.cfg.most_recent_k, final)  # only after a complete, finite save
-        self._barrier()
+            files.prune(self.save_dir, self.cfg.most_recent_k, final)
         self._last_saved = it
         log.info("saved checkpoint %s", final)
         return final
@@ -172,10 +176,23 @@ class Checkpointer:
         part.mkdir(parents=True)
         return ""
 
-    def _write_tensors(self, tensors: Any, part: Path, it: int) -> None:
+    def _write_and_checksum(self, tensors: Any, part: Path, it: int) -> tuple[str, list[dict]]:
+        """Every rank writes its tensors and checksums the files it wrote (one all_gather): every rank gets
+        the first error of any rank ("" when none) and each rank's checksums, in rank order."""
+        sums: dict[str, dict] = {}
+
+        def step() -> None:
+            sums.update(files.checksums(part, self._write_tensors(tensors, part, it)))
+
+        gathered = self._all_gather((_attempt(step, it, self.save_dir), sums))
+        return next((error for error, _ in gathered if error), ""), [part_sums for _, part_sums in gathered]
+
+    def _write_tensors(self, tensors: Any, part: Path, it: int) -> list[str]:
+        """Write this rank's tensors; return the names of the files it wrote."""
         # Two writer threads; DCP fsyncs every file, so a checkpoint marked latest survives a node crash.
+        writer = _OwnFilesWriter(str(part), thread_count=2)
         with guards.writer_thread_errors() as thread_errors:
-            _quiet(dcp.save, tensors, storage_writer=dcp.FileSystemWriter(str(part), thread_count=2))
+            _quiet(dcp.save, tensors, storage_writer=writer)
         if thread_errors:
             raise thread_errors[0]
         if self._crash_in_save == it:
@@ -184,15 +201,16 @@ class Checkpointer:
             pause()  # test hook: a slow save, to be interrupted
         if self._enospc_in_save == it:
             raise no_space(part)  # test hook: the disk fills up mid-save
+        return writer.own_files(part)
 
-    def _finish(self, state: TrainState, plain: Any, part: Path, final: Path) -> str:
+    def _finish(self, state: TrainState, plain: Any, part: Path, final: Path, parts: list[dict]) -> str:
         meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
                 "param_group_bounds": _group_bounds(self.optimizer.param_groups),
                 "world_size": self.ctx.world_size, "layout": self.ctx.parallel.describe(),
                 "optimizer_backend": self.optimizer.backend, "lineage": self.lineage}
         (part / files.STATE).write_text(json.dumps(meta, indent=1))
         (part / "config.yaml").write_text(self.config_yaml)
-        files.write_manifest(part)
+        files.write_manifest(part, parts)  # rank 0 checksums only its JSON files here
         shutil.rmtree(final, ignore_errors=True)
         os.replace(part, final)
         files.write_atomic(self.save_dir / files.TRACKER, f"{state.iteration}\n")
@@ -283,17 +301,9 @@ class Checkpointer:
         return state
 
     def _verified(self, path: Path) -> dict:
-        error = ""
-        meta: dict = {}
-        if self.ctx.is_main:
-            try:
-                meta = guards.verified(path)
-            except ConfigError as e:  # corrupted, truncated or tampered: names the checkpoint to fall back to
-                error = str(e)
-        error = self._broadcast(error)
-        if error:
-            raise ConfigError(error)
-        return meta if self.ctx.is_main else json.loads((path / files.STATE).read_text())
+        """``state.json`` once every file verifies; each rank checks about 1/N of the bytes, and a
+        refusal (corrupted, truncated, tampered; naming the file and the fallback) is raised on every rank."""
+        return guards.verified(path, guards.Share(self.ctx.rank, self.ctx.world_size, self._gathered))
 
     def _check_optimizer_format(self, meta: dict, wanted: list[str], available: set[str], path: Path) -> None:
         """The native flat state and FSDP2's per-parameter state do not load into each other: say so."""
@@ -338,11 +348,15 @@ class Checkpointer:
 
     def _gathered(self, text: str) -> str:
         """The first non-empty ``text`` of any rank (all ranks get the same)."""
+        return next((t for t in self._all_gather(text) if t), "")
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
         if self.ctx.backend is None:
-            return text
-        texts: list[str] = [""] * self.ctx.world_size
-        dist.all_gather_object(texts, text)
-        return next((t for t in texts if t), "")
+            return [obj]
+        gathered: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def _count(self, flag: bool) -> int:
         """How many ranks raise ``flag`` (one all_reduce)."""
@@ -351,6 +365,29 @@ class Checkpointer:
         total = torch.tensor([int(flag)], device=self.ctx.device)
         dist.all_reduce(total)
         return int(total.item())
+
+
+class _OwnFilesWriter(dcp.FileSystemWriter):
+    """DCP's writer, remembering which files this rank wrote: the data files named by the prefix the
+    coordinator gave this rank's plan (``__N_``), and ``.metadata`` on the coordinator."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._prefix: str | None = None
+        self._wrote_metadata = False
+
+    def write_data(self, plan, planner):
+        self._prefix = plan.storage_data.prefix
+        return super().write_data(plan, planner)
+
+    def finish(self, metadata, results) -> None:
+        super().finish(metadata, results)
+        self._wrote_metadata = True
+
+    def own_files(self, directory: Path) -> list[str]:
+        # By prefix, not by DCP's write results: a writer thread with nothing to write leaves an empty file.
+        data = sorted(p.name for p in directory.glob(f"{self._prefix}*.distcp")) if self._prefix else []
+        return data + ([files.DCP_METADATA] if self._wrote_metadata else [])
 
 
 def _attempt(step, it: int, save: Path) -> str:

@@ -2,19 +2,25 @@
 
 ``<save>/iter_0000010/`` holds one checkpoint: DCP's files for tensors, ``state.json`` for the
 rest (iteration, consumed samples, scheduler, the resolved config) and ``manifest.json`` (size
-and CRC32 of every file), written last. A checkpoint is written under ``.iter_0000010.partial``
-and renamed when complete; only then does ``latest_checkpointed_iteration.txt`` (Megatron's name)
-move to it, by an atomic replace. A crash mid-save leaves the previous checkpoint as the latest.
+and CRC32 of every file, and the rank that checksummed it), written last. A checkpoint is written
+under ``.iter_0000010.partial`` and renamed when complete; only then does
+``latest_checkpointed_iteration.txt`` (Megatron's name) move to it, by an atomic replace. A crash
+mid-save leaves the previous checkpoint as the latest.
+
+The checksums scale with the ranks: each rank checksums the files it wrote and rank 0 merges the
+parts (``merge_parts``); a load splits the files among the ranks by bytes (``split_by_bytes``).
 """
 
 from __future__ import annotations
 
 import fcntl
+import heapq
 import json
 import os
 import re
 import shutil
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from anneal.errors import ConfigError
@@ -22,6 +28,8 @@ from anneal.errors import ConfigError
 TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 STATE = "state.json"
+DCP_METADATA = ".metadata"
+FORMAT = "anneal-checkpoint-1"  # entries without "rank" (older saves) read the same
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -50,37 +58,66 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
-    write_atomic(directory / MANIFEST, json.dumps({"format": "anneal-checkpoint-1", "files": entries}, indent=1))
+def checksums(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int]]:
+    """``{name: {"bytes": size, "crc32": crc}}`` of the files ``names`` of ``directory``."""
+    return {name: {"bytes": (directory / name).stat().st_size, "crc32": _crc32(directory / name)}
+            for name in sorted(names)}
 
 
-def verify(directory: Path, only: set[str] | None = None) -> dict:
-    """Check every file (or those in ``only``) against the manifest; return ``state.json``.
+def merge_parts(parts: Sequence[dict[str, dict]]) -> dict[str, dict]:
+    """One manifest's entries from every rank's ``checksums`` of the files it wrote (``parts[r]`` is rank
+    r's), each marked with its rank. ValueError when two ranks claim the same file."""
+    merged: dict[str, dict] = {}
+    for rank, part in enumerate(parts):
+        for name, entry in part.items():
+            if name in merged:
+                raise ValueError(f"{name} was checksummed by rank {merged[name]['rank']} and by rank {rank}")
+            merged[name] = {**entry, "rank": rank}
+    return merged
 
-    ConfigError names the bad file.
-    """
+
+def write_manifest(directory: Path, parts: Sequence[dict[str, dict]] = ()) -> None:
+    """Write ``manifest.json`` from the ranks' ``parts``; this process (rank 0) checksums every file
+    no part names: its own JSON files, or all of them when there are no parts."""
+    entries = merge_parts(parts)
+    on_disk = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    rest = checksums(directory, on_disk - set(entries) - {MANIFEST})
+    entries.update({name: {**entry, "rank": 0} for name, entry in rest.items()})
+    manifest = {"format": FORMAT, "files": dict(sorted(entries.items()))}
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def read_manifest(directory: Path) -> dict[str, dict]:
+    """The manifest's entries, each naming a file inside ``directory``; ConfigError otherwise."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise ConfigError(f"{directory}: not an anneal checkpoint (no {MANIFEST}; incomplete or foreign)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["files"]
-    except (ValueError, KeyError, TypeError) as error:
+        entries = json.loads(manifest_path.read_text())["files"]
+        sizes = {name: (entry["bytes"], entry["crc32"]) for name, entry in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ConfigError(f"{manifest_path}: unreadable manifest ({error})") from error
-    for name, entry in entries.items():
-        if only is not None and name not in only:
-            continue
-        path = directory / name
+    for name, (size, crc) in sizes.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ConfigError(f"{manifest_path}: names {name!r}, a file outside the checkpoint (tampered)")
+        if not (isinstance(size, int) and isinstance(crc, int)):
+            raise ConfigError(f"{manifest_path}: unreadable manifest (entry {name!r})")
+    return entries
+
+
+def check_files(directory: Path, entries: dict[str, dict]) -> None:
+    """Each file of ``entries`` has its size and CRC32; ConfigError names the first that does not."""
+    for name, entry in entries.items():
+        path = directory / name
         if not path.is_file():
             raise ConfigError(f"{path}: missing from the checkpoint")
         if path.stat().st_size != entry["bytes"]:
             raise ConfigError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated?)")
         if _crc32(path) != entry["crc32"]:
             raise ConfigError(f"{path}: contents differ from the manifest's checksum (corrupted or tampered)")
+
+
+def read_state(directory: Path) -> dict:
     try:
         state = json.loads((directory / STATE).read_text())
     except ValueError as error:
@@ -88,6 +125,28 @@ def verify(directory: Path, only: set[str] | None = None) -> dict:
     if not isinstance(state, dict):
         raise ConfigError(f"{directory / STATE}: not a JSON object (tampered)")
     return state
+
+
+def verify(directory: Path, only: set[str] | None = None) -> dict:
+    """Check every file (or those in ``only``) against the manifest, in this process; return ``state.json``.
+
+    ConfigError names the bad file.
+    """
+    entries = read_manifest(directory)
+    check_files(directory, {name: e for name, e in entries.items() if only is None or name in only})
+    return read_state(directory)
+
+
+def split_by_bytes(entries: dict[str, dict], ways: int) -> list[list[str]]:
+    """The files of ``entries`` in ``ways`` lists of about equal bytes, the same on every rank: largest
+    file first, each to the list with the fewest bytes so far (ties: the lower index)."""
+    lists: list[list[str]] = [[] for _ in range(ways)]
+    lightest = [(0, index) for index in range(ways)]  # a heap of (bytes so far, list index)
+    for name in sorted(entries, key=lambda n: (-entries[n]["bytes"], n)):
+        size, index = heapq.heappop(lightest)
+        lists[index].append(name)
+        heapq.heappush(lightest, (size + entries[name]["bytes"], index))
+    return lists
 
 
 def latest(save: Path) -> Path | None:

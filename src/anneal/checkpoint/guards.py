@@ -4,6 +4,9 @@ A save refuses non-finite weights or optimizer state, and a disk too small for t
 before writing anything; a save that fails anyway names the cause in one line and the checkpoint
 that is still the latest. A refused (corrupted, truncated, tampered) checkpoint names the newest
 earlier one that verifies, as the ``checkpoint.load=`` to resume from.
+
+Under several ranks, verification is split: each rank checks its ``Share`` of the files (about 1/N of
+the bytes) and one collective makes every rank raise the same error, or none.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import errno
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,26 +138,61 @@ def _latest(save: Path) -> Path | None:
     return latest if latest is not None and latest.is_dir() else None
 
 
-def verified(path: Path) -> dict:
+def _alone(error: str) -> str:
+    return error
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which part of a checkpoint's verification this rank does, and how the ranks agree on the outcome.
+
+    ``agree(error)`` takes this rank's error ("" when its files pass) and returns, on every rank, the
+    first error of any rank (a collective); alone, it returns its argument.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    agree: Callable[[str], str] = _alone
+
+
+ALONE = Share()
+
+
+def verified(path: Path, share: Share = ALONE) -> dict:
     """``state.json`` of a checkpoint that passes every check (manifest, safe metadata); else ConfigError
-    naming the bad file and the earlier checkpoint to fall back to."""
-    return _checked(path, None)
+    naming the bad file and the earlier checkpoint to fall back to, on every rank of ``share``."""
+    return _checked(path, None, share)
 
 
 def verified_state(path: Path) -> dict:
     """``state.json`` checked against the manifest (that file only: cheap on every rank), with the same
     error as ``verified``, which checks the rest before loading."""
-    return _checked(path, {files.STATE})
+    return _checked(path, {files.STATE}, ALONE)
 
 
-def _checked(path: Path, only: set[str] | None) -> dict:
+def _checked(path: Path, only: set[str] | None, share: Share) -> dict:
+    error = share.agree(_share_error(path, only, share))
+    if error:
+        raise ConfigError(f"{error}; {fallback_hint(path, share)}")
+    return files.read_state(path)
+
+
+def _share_error(path: Path, only: set[str] | None, share: Share) -> str:
+    """This rank's part of the checks ("" when it passes, else the error naming the file): the size and
+    CRC32 of its share of the files, DCP's ``.metadata`` parsed safely by the rank that checks it, and
+    ``state.json`` (every rank reads it)."""
     try:
-        meta = files.verify(path, only=only)
-        if only is None:
+        entries = files.read_manifest(path)
+        wanted = {name: entry for name, entry in entries.items() if only is None or name in only}
+        shares = files.split_by_bytes(wanted, share.world_size)
+        files.check_files(path, {name: wanted[name] for name in shares[share.rank]})
+        metadata_rank = next((r for r, names in enumerate(shares) if files.DCP_METADATA in names), 0)
+        if only is None and metadata_rank == share.rank:
             _read_metadata(path)
-    except ConfigError as error:
-        raise ConfigError(f"{error}; {fallback_hint(path)}") from None
-    return meta
+        files.read_state(path)
+    except (ConfigError, OSError) as error:  # every rank must reach the collective in ``agree``
+        return str(error)
+    return ""
 
 
 def _read_metadata(path: Path) -> None:
@@ -161,28 +200,25 @@ def _read_metadata(path: Path) -> None:
     sympy (half a second) that a dry run reading only ``state.json`` has no use for."""
     from anneal.checkpoint.safe_reader import read_metadata_file
 
-    read_metadata_file(path / ".metadata")
+    read_metadata_file(path / files.DCP_METADATA)
 
 
-def fallback_hint(refused: Path) -> str:
+def fallback_hint(refused: Path, share: Share = ALONE) -> str:
     """Names the newest checkpoint older than ``refused`` (in the same directory) that verifies."""
-    good = good_fallback(refused)
+    good = good_fallback(refused, share)
     if good is None:
         return f"no earlier checkpoint in {refused.parent} passes verification"
     return f"the previous good checkpoint is iteration {files.iteration_of(good)}: checkpoint.load={good}"
 
 
-def good_fallback(refused: Path) -> Path | None:
+def good_fallback(refused: Path, share: Share = ALONE) -> Path | None:
+    """Each candidate is verified as ``verified`` does, split among the ranks of ``share``."""
     limit = files.iteration_of(refused)
     for candidate in reversed(files.completed(refused.parent)):
         if candidate == refused or (limit is not None and files.iteration_of(candidate) >= limit):
             continue
-        try:
-            files.verify(candidate)
-            _read_metadata(candidate)
-        except (ConfigError, OSError):
-            continue
-        return candidate
+        if not share.agree(_share_error(candidate, None, share)):
+            return candidate
     return None
 
 
