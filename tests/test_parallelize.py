@@ -76,12 +76,12 @@ def _optimizer_config(dtype: str) -> OptimizerConfig:
 def _build(dims, dtype: str):
     from anneal.optim.param_groups import get_param_groups
     from anneal.optim.setup import build_fsdp2_optimizer, build_optimizer, model_dtype
-    from anneal.parallelize import parallelize
+    from anneal.parallelize import build_parallel_model
 
     config = _optimizer_config(dtype)
     torch.manual_seed(0)
-    model = build_model(MODEL)
-    parallelize(model, dims, param_dtype=model_dtype(config), reshard_after_forward=True)
+    model = build_parallel_model(MODEL, dims, device=torch.device("cpu"), reshard_after_forward=True,
+                                 param_dtype=model_dtype(config) if dims.fsdp else torch.float32)
     groups = get_param_groups(model, config, fallback_min_lr=0.0)
     if dims.fsdp:
         return model, build_fsdp2_optimizer(config, groups, model, dims, model_dtype(config))
@@ -191,12 +191,12 @@ def test_every_layout_and_precision_matches_one_process_and_the_planner_on_four_
 
 
 def _weights_copy_into_any_shard_and_fp16_skips(rank: int, world: int) -> None:
-    from anneal.parallelize import build_sharded, copy_full_
+    from anneal.parallelize import build_parallel_model, copy_full_
 
     dims = with_mesh(plan_layout(TRAIN, world, rank, fsdp=True, tp=2), "cpu")
     torch.manual_seed(0)  # built block by block, never whole: the same weights as one process
-    sharded = build_sharded(MODEL, dims, device=torch.device("cpu"), param_dtype=torch.float32,
-                            reshard_after_forward=True)
+    sharded = build_parallel_model(MODEL, dims, device=torch.device("cpu"), param_dtype=torch.float32,
+                                   reshard_after_forward=True)
     torch.manual_seed(0)
     whole = dict(build_model(MODEL).named_parameters())
     assert [n for n, _ in sharded.named_parameters()] == list(whole)
@@ -264,15 +264,15 @@ def _compiled_blocks_match_eager(rank: int, world: int) -> None:
     from torch._dynamo.utils import counters
 
     from anneal.parallel import single_process
-    from anneal.parallelize import parallelize
+    from anneal.parallelize import build_parallel_model
 
     tokens = _batch(0)
     for dims in (single_process(), with_mesh(plan_layout(TRAIN, 1, 0, fsdp=True), "cpu")):
         losses = []
         for backend in (None, "aot_eager"):
             torch.manual_seed(0)
-            model = build_model(MODEL)
-            parallelize(model, dims, param_dtype=torch.float32, reshard_after_forward=True, compile_backend=backend)
+            model = build_parallel_model(MODEL, dims, device=torch.device("cpu"), param_dtype=torch.float32,
+                                         reshard_after_forward=True, compile_backend=backend)
             counters.clear()
             loss = model(tokens[:, :-1], labels=tokens[:, 1:])
             loss.backward()

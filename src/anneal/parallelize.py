@@ -23,42 +23,41 @@ when it has a replicate dimension).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from anneal.config.model import ModelConfig
-from anneal.model.qwen3 import Qwen3Model
+from anneal.model.qwen3 import Qwen3Model, build_model
 from anneal.parallel import COLWISE, ROWWISE, TP_PARTIAL, ParallelDims
 
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype, reshard_after_forward: bool,
-                compile_backend: str | None = None) -> nn.Module:
-    """Shard ``model`` (built whole, the same on every rank) in place per ``dims``; returns it."""
-    for layer in model.layers:
-        _parallelize_block(layer, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
-                           compile_backend=compile_backend)
-    if dims.fsdp:
-        _shard_root(model, dims, param_dtype)
-    return model
+def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, *, device: torch.device, param_dtype: torch.dtype,
+                         reshard_after_forward: bool, compile_backend: str | None = None) -> nn.Module:
+    """The model laid out per ``dims``: the one builder of runs, tests and the bench.
 
-
-def build_sharded(cfg: ModelConfig, dims: ParallelDims, *, device: torch.device, param_dtype: torch.dtype,
-                  reshard_after_forward: bool, compile_backend: str | None = None) -> nn.Module:
-    """The model on PyTorch's engine, never whole on a rank: one block at a time is materialised,
-    initialised and sharded (peak: the root's parameters and one block, fp32).
-
-    The parts are initialised in ``named_parameters`` order, so the weights equal ``build_model``'s
-    under the same seed: a sharded run starts where a single process does.
+    On PyTorch's engine (``dims.fsdp``) it is never whole on a rank: one block at a time is materialised,
+    initialised, tensor-parallelised, compiled and sharded (peak: the root's parameters and one block,
+    fp32). The native engine shards nothing here (its optimizer does): the model is built whole and its
+    blocks compiled. The parts are initialised in ``named_parameters`` order, so the weights equal
+    ``build_model``'s under the same seed: every layout starts where a single process does.
     """
+    block = functools.partial(_parallelize_block, dims=dims, param_dtype=param_dtype,
+                              reshard_after_forward=reshard_after_forward, compile_backend=compile_backend)
+    if not dims.fsdp:
+        model = build_model(cfg, device=device)
+        for layer in model.layers:
+            block(layer)
+        return model
     cfg.validate()
     with torch.device("meta"):
         model = Qwen3Model(cfg)
     _materialise(model, model.embedding, "embedding.", device)
     for i, layer in enumerate(model.layers):
         _materialise(model, layer, f"layers.{i}.", device)
-        _parallelize_block(layer, dims, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
-                           compile_backend=compile_backend)
+        block(layer)
     for name in ("final_norm", "output_layer"):
         if getattr(model, name) is not None:
             _materialise(model, getattr(model, name), f"{name}.", device)

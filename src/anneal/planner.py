@@ -40,7 +40,7 @@ Building the model has its own peak, before any activation exists (``constructio
 native engine holds the fp32 model, an fp32 flat copy, the 16-bit flat buffer and the fp32 master
 shard at once (``FlatOptimizer``'s ``_flatten_parameters``: ``10·N + 4·N/dp`` bytes under bf16/fp16
 with the distributed optimizer, ``14·N`` without; fp32: the model, the flat buffer and the flat
-gradients, ``12·N``); PyTorch's engine builds block by block (``build_sharded``): the root's fp32
+gradients, ``12·N``); PyTorch's engine builds block by block (``build_parallel_model``): the root's fp32
 parameters whole, every block built so far as its fp32 shard, and one block whole. A rank needs the
 larger of the two peaks.
 
@@ -319,7 +319,7 @@ def construction_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: S
 
     Native: ``_flatten_parameters`` copies the fp32 model into an fp32 flat buffer, casts that to the
     16-bit one and clones this rank's fp32 master shard before the model's own tensors are freed (fp32:
-    the model, the flat buffer and the flat gradients). PyTorch's engine: ``build_sharded``
+    the model, the flat buffer and the flat gradients). PyTorch's engine: ``build_parallel_model``
     materialises the root whole and shards it last, and each block whole before sharding it.
     """
     if not dims.fsdp:

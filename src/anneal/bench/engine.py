@@ -59,16 +59,14 @@ LOSS_CHUNK = 1024
 
 
 def build(model_cfg: ModelConfig, dims: ParallelDims, *, zero1: bool = False) -> tuple[torch.nn.Module, Any]:
-    """(model, optimizer) for ``dims`` in fp32: the native flat optimizer, or FSDP2's over ``parallelize``."""
-    from anneal.model.qwen3 import build_model
+    """(model, optimizer) for ``dims`` in fp32: the native flat optimizer, or FSDP2's (the launcher's builder)."""
     from anneal.optim.param_groups import get_param_groups
     from anneal.optim.setup import build_fsdp2_optimizer, build_optimizer
-    from anneal.parallelize import parallelize
+    from anneal.parallelize import build_parallel_model
 
     torch.manual_seed(0)
-    model = build_model(model_cfg)
-    if dims.fsdp:
-        parallelize(model, dims, param_dtype=torch.float32, reshard_after_forward=True)
+    model = build_parallel_model(model_cfg, dims, device=torch.device("cpu"), param_dtype=torch.float32,
+                                 reshard_after_forward=True)
     groups = get_param_groups(model, OPTIMIZER, fallback_min_lr=0.0)
     if dims.fsdp:
         return model, build_fsdp2_optimizer(OPTIMIZER, groups, model, dims, torch.float32)

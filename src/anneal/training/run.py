@@ -21,11 +21,10 @@ from anneal.data.datasets import build_datasets
 from anneal.data.sources import anneal_start_sample
 from anneal.hf.importer import check_pretrained, load_pretrained
 from anneal.model.flops import flops_per_token, num_parameters
-from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
 from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
-from anneal.parallelize import build_sharded, parallelize
+from anneal.parallelize import build_parallel_model
 from anneal.resume import ResumePlan, plan_resume, write_lineage
 from anneal.errors import AnnealError, RunError
 from anneal.training.distributed import DistContext, init_distributed, set_matmul_precision, shutdown
@@ -131,21 +130,20 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
     profiler.close()  # a window reaching past the last iteration still writes what it recorded
     if ctx.is_main and cfg.logger.plot_schedule:
         _plot(scheduler, derived, out, trainer, metrics, seq_length=cfg.model.seq_length)
+    if cfg.compile.enable:
+        metrics.info(_compile_line())
     metrics.info(_final_line(trainer, stop, checkpointer, metrics))
     metrics.close()
     return stop.exit_code
 
 
 def _build_model(cfg: ConfigContainer, ctx: DistContext) -> torch.nn.Module:
-    """The model, sharded per the layout on PyTorch's engine (one block at a time), compiled if asked."""
-    compile_backend = cfg.compile.backend if cfg.compile.enable else None
-    if ctx.parallel.fsdp:
-        return build_sharded(cfg.model, ctx.parallel, device=ctx.device, param_dtype=model_dtype(cfg.optimizer),
-                             reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
-                             compile_backend=compile_backend)
-    model = build_model(cfg.model, device=ctx.device)
-    return parallelize(model, ctx.parallel, param_dtype=torch.float32, reshard_after_forward=False,
-                       compile_backend=compile_backend)  # compile only: the native engine shards nothing
+    """The model laid out per the layout (sharded block by block on PyTorch's engine), compiled if asked."""
+    # The native engine's parameters stay fp32 here: its flat optimizer holds the 16-bit copies.
+    dtype = model_dtype(cfg.optimizer) if ctx.parallel.fsdp else torch.float32
+    return build_parallel_model(cfg.model, ctx.parallel, device=ctx.device, param_dtype=dtype,
+                                reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
+                                compile_backend=cfg.compile.backend if cfg.compile.enable else None)
 
 
 def _own_wandb_run(plan: ResumePlan, save: str | None) -> str | None:
@@ -216,6 +214,14 @@ class Stage:
 def _resume_hint(checkpointer: Checkpointer) -> str:
     latest = checkpointer.latest()
     return f"relaunch to resume from {latest}" if latest is not None else "no checkpoint saved yet"
+
+
+def _compile_line() -> str:
+    """What torch.compile made of the blocks: one graph serves every identical block; more are recompiles."""
+    from torch._dynamo.utils import counters
+
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    return f"compile: {graphs} graph(s), {breaks} graph break(s) (torch._dynamo counters)"
 
 
 def _already_complete(iteration: int, train_iters: int) -> str:
