@@ -9,7 +9,8 @@ import torch.distributed as dist
 from anneal.config.training import TrainingConfig
 from anneal.errors import ConfigError
 from anneal.parallel import ParallelDims, plan_layout, single_process, with_mesh
-from anneal.training.distributed import DistContext, all_reduce_mean
+from anneal.context import DistContext
+from anneal.training.distributed import all_reduce_mean
 
 
 def _train(**overrides) -> TrainingConfig:

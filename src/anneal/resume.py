@@ -55,7 +55,7 @@ class ResumePlan:
 def plan_resume(cfg, derived: Derived) -> ResumePlan:
     """The plan for ``cfg`` (the whole config: checkpoint, scheduler and model sections are read)."""
     k = getattr(cfg.scheduler, "anneal_branch_iters", None)
-    path = find_checkpoint(cfg.checkpoint, branching=bool(k))
+    path = files.find_checkpoint(cfg.checkpoint.load, cfg.checkpoint.save, prefer_own=bool(k))
     if path is None:
         if k:
             raise ConfigError(f"scheduler.anneal_branch_iters ({k}) needs checkpoint.load: the parent checkpoint "
@@ -84,17 +84,6 @@ def plan_resume(cfg, derived: Derived) -> ResumePlan:
     return _extend(cfg, plan) if megatron and _strict(cfg.scheduler) else plan
 
 
-def find_checkpoint(cfg, *, branching: bool) -> Path | None:
-    """``checkpoint.load`` (else the save directory's latest); a branch prefers its own latest checkpoint."""
-    own = files.latest(Path(cfg.save)) if cfg.save and Path(cfg.save).is_dir() else None
-    if branching and own is not None:
-        return own
-    if cfg.load:
-        path = files.resolve_load(Path(cfg.load))
-        return path if path is not None else own
-    return own
-
-
 def checkpoint_schedule(state: dict, fallback: Schedule) -> Schedule:
     """The ``Schedule`` a checkpoint's scheduler state was in (``fallback`` fills keys Megatron omits)."""
     return replace(fallback, **saved_settings(state))
@@ -113,7 +102,7 @@ def _branch(cfg, derived: Derived, path: Path, meta: dict, lineage: dict, k: int
     end_samples = ramp.samples_after(n + k)
     end_steps = steps + (end_samples - train["consumed_samples"])
     branch = branch_schedule(parent, point, end_steps, cfg.scheduler.lr_wsd_decay_style)
-    bounds_before = meta["scheduler"].get("param_group_bounds", meta.get("param_group_bounds")) or []
+    bounds_before = files.saved_scheduler_state(meta)["param_group_bounds"] or []
     bounds = branch_bounds(parent, point, bounds_before)
     record = {"kind": "branch", "parent": str(path), "parent_lineage": lineage, "branch_iteration": n,
               "branch_samples": train["consumed_samples"], "branch_steps": steps, "anneal_iters": k,

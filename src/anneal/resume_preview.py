@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from anneal.checkpoint import files
 from anneal.errors import ConfigError
 from anneal.resume import ResumePlan, plan_resume
 from anneal.scheduler.param_scheduler import OptimizerParamScheduler
@@ -53,7 +54,7 @@ def decision_table(cfg, plan: ResumePlan) -> str:
             use_checkpoint_opt_param_scheduler=cfg.scheduler.use_checkpoint_opt_param_scheduler,
             override_opt_param_scheduler=cfg.scheduler.override_opt_param_scheduler,
             resume_mode=plan.resume_mode, param_group_bounds=plan.param_group_bounds)
-        state = {"param_group_bounds": plan.meta.get("param_group_bounds"), **plan.meta["scheduler"]}
+        state = files.saved_scheduler_state(plan.meta)
         return scheduler.load_state_dict(state).table()
     except ConfigError as error:
         return f"the run would stop when loading the checkpoint: {error}"

@@ -89,7 +89,7 @@ def _bytes_read() -> int:
 def _verify_on_two_ranks(rank: int, world_size: int, save: str) -> None:
     from anneal.checkpoint.checkpointer import Checkpointer
     from anneal.config.runtime import CheckpointConfig
-    from anneal.training.distributed import DistContext
+    from anneal.context import DistContext
 
     ctx = DistContext(rank, world_size, rank, torch.device("cpu"), "gloo")
     checkpointer = Checkpointer(CheckpointConfig(), model=None, optimizer=None, scheduler=None, ctx=ctx,

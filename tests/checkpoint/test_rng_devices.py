@@ -16,8 +16,7 @@ from anneal.config.runtime import CheckpointConfig
 from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
 from anneal.scheduler import Schedule
-from anneal.training.distributed import DistContext
-from anneal.training.trainer import TrainState
+from anneal.context import DistContext, TrainState
 
 
 @pytest.mark.parametrize("device, saved, parts, note", [

@@ -22,8 +22,7 @@ from anneal.hf.mapping import hf_config
 from anneal.model.qwen3 import build_model
 from anneal.optim import setup_optimizer
 from anneal.scheduler import Schedule
-from anneal.training.distributed import DistContext
-from anneal.training.trainer import TrainState
+from anneal.context import DistContext, TrainState
 
 # A head dim (24) unlike hidden // heads (16), GQA, a RoPE base no library defaults to, vocab >= 257.
 SHAPE = {**SMALL_QWEN3, "vocab_size": 320, "seq_length": 32, "rotary_base": 123456.0}

@@ -21,8 +21,7 @@ from optim_helpers import FLAGS, SCHEDULE, TinyLM, batches, config, lm_loss, run
 from anneal.checkpoint.checkpointer import Checkpointer
 from anneal.config.runtime import CheckpointConfig
 from anneal.optim import setup_optimizer
-from anneal.training.distributed import DistContext
-from anneal.training.trainer import TrainState
+from anneal.context import DistContext, TrainState
 
 DTYPES = ("fp32", "bf16", "fp16")  # fp32: the master is the parameter itself (a control)
 MODES = ("finetune", "no_optim")

@@ -17,8 +17,8 @@ from anneal.config.training import TrainingConfig
 from anneal.data.datasets import build_datasets
 from anneal.data.loader import CudaCopy, Microbatches, get_microbatch
 from anneal.parallel import ParallelDims
-from anneal.training.distributed import DistContext
-from anneal.training.trainer import LoopParts, Trainer, TrainState
+from anneal.context import DistContext, TrainState
+from anneal.training.trainer import LoopParts, Trainer
 
 MICRO_BATCH, DP_SIZE = 2, 2
 RAMP = BatchRamp(global_batch_size=16, start=4, increment=4, ramp_samples=48)  # 4 ×4, 8 ×2, 12 ×2, then 16

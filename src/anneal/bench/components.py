@@ -53,8 +53,7 @@ def checkpoint_figures(repeats: int) -> dict[str, Stat]:
     from anneal.config.runtime import CheckpointConfig
     from anneal.model.qwen3 import build_model
     from anneal.optim import setup_optimizer
-    from anneal.training.distributed import DistContext
-    from anneal.training.trainer import TrainState
+    from anneal.context import DistContext, TrainState
 
     model = build_model(ModelConfig(num_layers=8, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
                                     num_query_groups=4, kv_channels=64, vocab_size=8192, seq_length=64))

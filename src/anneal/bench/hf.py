@@ -39,8 +39,7 @@ def hf_figures(repeats: int, model_config=None) -> dict[str, Stat]:
     from anneal.hf.importer import load_pretrained
     from anneal.hf.mapping import to_hf_name
     from anneal.model.qwen3 import build_model
-    from anneal.training.distributed import DistContext
-    from anneal.training.trainer import TrainState
+    from anneal.context import DistContext, TrainState
 
     cfg = model_config or _qwen3_0p6b()
     model = build_model(cfg, dtype=torch.bfloat16)

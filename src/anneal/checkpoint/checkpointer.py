@@ -30,11 +30,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from anneal.checkpoint import files, guards
 from anneal.checkpoint.safe_reader import SafeFileSystemReader
 from anneal.config.runtime import CheckpointConfig
+from anneal.context import DistContext, TrainState
 from anneal.errors import ConfigError, RunError
-from anneal.scheduler.protocol import ParamScheduler
 from anneal.faults import fault_iteration, kill_self, no_space, pause
-from anneal.training.distributed import DistContext
-from anneal.training.trainer import TrainState
+from anneal.scheduler.protocol import ParamScheduler
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint in the save directory (the tracker's), or None."""
-        return files.latest(self.save_dir) if self.save_dir is not None and self.save_dir.is_dir() else None
+        return files.latest_complete(self.save_dir)
 
     def save(self, state: TrainState) -> Path:
         """Write the checkpoint of ``state.iteration`` and mark it latest; prune only after that.
@@ -205,9 +204,9 @@ class Checkpointer:
 
     def _finish(self, state: TrainState, plain: Any, part: Path, final: Path, parts: list[dict]) -> str:
         meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
-                "param_group_bounds": _group_bounds(self.optimizer.param_groups),
                 "world_size": self.ctx.world_size, "layout": self.ctx.parallel.describe(),
-                "optimizer_backend": self.optimizer.backend, "lineage": self.lineage}
+                "engine": files.engine_of(self.optimizer.backend), "optimizer_backend": self.optimizer.backend,
+                "lineage": self.lineage}  # the param-group bounds are the scheduler's state, saved there
         (part / files.STATE).write_text(json.dumps(meta, indent=1))
         (part / "config.yaml").write_text(self.config_yaml)
         files.write_manifest(part, parts)  # rank 0 checksums only its JSON files here
@@ -237,19 +236,13 @@ class Checkpointer:
 
     # -- loading --------------------------------------------------------------------------------
     def find(self) -> Path | None:
-        """The checkpoint to resume from: ``checkpoint.load``, else the save directory's latest."""
-        if self.cfg.load:
-            path = files.resolve_load(Path(self.cfg.load))
-            if path is None and files.is_save_dir(self.cfg.load, self.cfg.save):
-                self.report(f"checkpoint.load ({self.cfg.load}) is the save directory and holds no "
-                            "checkpoint yet: starting a fresh run")
-                return None
-            if path is None:
-                raise ConfigError(f"checkpoint.load ({self.cfg.load}) has no {files.TRACKER}: no checkpoint to load")
-            return path
-        if self.save_dir is not None and self.save_dir.is_dir():
-            return files.latest(self.save_dir)
-        return None
+        """The checkpoint to resume from (``files.find_checkpoint``); the save directory named as
+        ``checkpoint.load`` with nothing in it yet is a fresh start, and says so."""
+        load, save = self.cfg.load, self.cfg.save
+        if load and files.resolve_load(Path(load)) is None and files.is_save_dir(load, save):
+            self.report(f"checkpoint.load ({load}) is the save directory and holds no checkpoint yet: "
+                        "starting a fresh run")
+        return files.find_checkpoint(load, save)
 
     def load(self) -> TrainState:
         """Restore what the config asks for; a fresh run (nothing to load) starts at iteration 0."""
@@ -287,9 +280,8 @@ class Checkpointer:
             if rng_note and self.ctx.device.type == "cuda":
                 _reseed_cuda(self.ctx.device)
         # The restored optimizer state carries no param-group bounds: they are the scheduler's state and
-        # follow its rule, so nothing overrides its decision (Megatron's override bug). Older checkpoints
-        # kept them beside the scheduler's state.
-        scheduler_state = {"param_group_bounds": meta.get("param_group_bounds"), **meta["scheduler"]}
+        # follow its rule, so nothing overrides its decision (Megatron's override bug).
+        scheduler_state = files.saved_scheduler_state(meta)
         table = self.scheduler.load_state_dict(scheduler_state).table()
         self.scheduler.step(0)  # rewrite lr/wd with the settled bounds and the loaded wd settings
         state = TrainState(**meta["train"])
@@ -310,7 +302,8 @@ class Checkpointer:
         if all(k in available for k in wanted):
             return
         saved_backend = meta.get("optimizer_backend", "a native backend")
-        if _engine(saved_backend) == _engine(self.optimizer.backend):
+        saved_engine = meta.get("engine") or files.engine_of(saved_backend)  # older ones: by backend
+        if saved_engine == files.engine_of(self.optimizer.backend):
             return  # the same engine: a different model, which _load_tensors names
         saved_layout = meta.get("layout", f"data parallel {meta.get('world_size', '?')} (native)")
         raise ConfigError(
@@ -405,14 +398,6 @@ def _poison(model: torch.nn.Module) -> None:
     with torch.no_grad():
         param = next(model.parameters())
         (param.to_local() if hasattr(param, "to_local") else param).view(-1)[0] = float("nan")
-
-
-def _engine(backend: str) -> str:
-    return "torch" if backend.startswith("fsdp2") else "native"
-
-
-def _group_bounds(groups: list[dict]) -> list[dict[str, float]]:
-    return [{k: float(g[k]) for k in ("max_lr", "min_lr") if k in g} for g in groups]
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:

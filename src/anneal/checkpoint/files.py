@@ -41,6 +41,17 @@ def partial_dir(save: Path, iteration: int) -> Path:
     return save / f".iter_{iteration:07d}.partial"
 
 
+def engine_of(backend: str) -> str:
+    """The engine an optimizer backend belongs to: ``torch`` (FSDP2, per-parameter state) or ``native`` (flat)."""
+    return "torch" if backend.startswith("fsdp2") else "native"
+
+
+def saved_scheduler_state(meta: dict) -> dict:
+    """The scheduler's state in a checkpoint's ``state.json``; checkpoints before 2026-12 kept the param-group
+    bounds beside it, not in it."""
+    return {"param_group_bounds": meta.get("param_group_bounds"), **meta["scheduler"]}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as f:
@@ -197,6 +208,33 @@ def resolve_load(path: Path) -> Path | None:
     if _ITER_DIR.match(path.name):
         return path
     return latest(path)
+
+
+def latest_complete(save: Path | None) -> Path | None:
+    """The newest complete checkpoint in ``save`` (the tracker's, when its directory exists), or None; an
+    unreadable tracker counts as none (for the lines that name what to resume from)."""
+    try:
+        found = latest(save) if save is not None and save.is_dir() else None
+    except ConfigError:
+        return None
+    return found if found is not None and found.is_dir() else None
+
+
+def find_checkpoint(load: str | None, save: str | None, *, prefer_own: bool = False) -> Path | None:
+    """The one checkpoint lookup: what a run resumes from, or None for a fresh start.
+
+    ``checkpoint.load`` (a save directory's latest, or one ``iter_*``), else the save directory's latest;
+    with ``prefer_own`` (a branch restarted after its first save) the save directory's own latest first.
+    A ``load`` with nothing in it falls back to the save directory (``check_load_target`` has already
+    refused one that is not the save directory).
+    """
+    own = latest(Path(save)) if save and Path(save).is_dir() else None
+    if prefer_own and own is not None:
+        return own
+    if load:
+        path = resolve_load(Path(load))
+        return path if path is not None else own
+    return own
 
 
 def completed(save: Path) -> list[Path]:

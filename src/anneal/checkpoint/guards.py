@@ -63,7 +63,7 @@ def space_shortfall(save: Path, local_state_bytes: int) -> str | None:
     The estimate is the latest checkpoint's size when there is one (the same model and optimizer
     write the same bytes), else this rank's state bytes.
     """
-    previous = _latest(save)
+    previous = files.latest_complete(save)
     size = directory_bytes(previous) if previous is not None else local_state_bytes
     needed = int(size * _MARGIN) + _METADATA_BYTES
     free = shutil.disk_usage(save).free
@@ -116,26 +116,17 @@ def writer_thread_errors() -> Iterator[list[BaseException]]:
 
 def latest_phrase(save: Path) -> str:
     """``iteration M is the latest (DIR/iter_M)``, or that none was saved yet."""
-    latest = _latest(save)
-    if latest is None:
-        return f"no checkpoint has been saved in {save} yet"
-    return f"iteration {files.iteration_of(latest)} is the latest ({latest})"
+    return _about_latest(save, lambda latest: f"iteration {files.iteration_of(latest)} is the latest ({latest})")
 
 
 def resume_hint(save: Path) -> str:
     """What to resume from: ``checkpoint.load=DIR/iter_M`` of the latest checkpoint, if any."""
-    latest = _latest(save)
-    if latest is None:
-        return f"no checkpoint has been saved in {save} yet"
-    return f"resume from the latest good checkpoint with checkpoint.load={latest}"
+    return _about_latest(save, lambda latest: f"resume from the latest good checkpoint with checkpoint.load={latest}")
 
 
-def _latest(save: Path) -> Path | None:
-    try:
-        latest = files.latest(save) if save.is_dir() else None
-    except ConfigError:
-        return None
-    return latest if latest is not None and latest.is_dir() else None
+def _about_latest(save: Path, say: Callable[[Path], str]) -> str:
+    latest = files.latest_complete(save)
+    return f"no checkpoint has been saved in {save} yet" if latest is None else say(latest)
 
 
 def _alone(error: str) -> str:

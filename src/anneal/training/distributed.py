@@ -12,37 +12,16 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from anneal.config.runtime import DistributedConfig
 from anneal.errors import ConfigError
+from anneal.context import DistContext
 from anneal.parallel import ParallelDims, with_mesh
 
 _joined = False  # set once this process has joined a process group
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str | None  # None: a single process, no process group
-    # The parallel layout (data-parallel rank, size, group); None: pure data parallel over every rank,
-    # without a mesh (a context built by hand for a checkpointer or a benchmark).
-    parallel: ParallelDims | None = None
-
-    def __post_init__(self) -> None:
-        if self.parallel is None:
-            object.__setattr__(self, "parallel", ParallelDims(self.world_size, self.rank, self.world_size,
-                                                              self.rank))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_device(cfg: DistributedConfig, local_rank: int) -> torch.device:

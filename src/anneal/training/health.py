@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from anneal.context import DistContext
 from anneal.errors import RunError
-from anneal.training.distributed import DistContext
 
 _NONE = torch.iinfo(torch.int64).max  # "no bad iteration seen"
 

@@ -17,8 +17,10 @@ from anneal.checkpoint.files import SaveDirLock
 from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
+from anneal.context import DistContext
 from anneal.data.datasets import build_datasets
 from anneal.data.sources import anneal_start_sample
+from anneal.errors import AnnealError, RunError
 from anneal.hf.importer import check_pretrained, load_pretrained
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.optim import setup_optimizer
@@ -26,8 +28,7 @@ from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
 from anneal.parallelize import build_parallel_model
 from anneal.resume import ResumePlan, plan_resume, write_lineage
-from anneal.errors import AnnealError, RunError
-from anneal.training.distributed import DistContext, init_distributed, set_matmul_precision, shutdown
+from anneal.training.distributed import init_distributed, set_matmul_precision, shutdown
 from anneal.training.metrics import MetricsLogger, Throughput, continued_wandb_run, peak_flops
 from anneal.training.peers import PeerMonitor, is_lost_peer, transport_cause
 from anneal.training.profiling import ProfilerWindow

@@ -21,23 +21,14 @@ import torch
 
 from anneal.config.batch import BatchRamp
 from anneal.config.training import TrainingConfig
+from anneal.context import DistContext, TrainState
 from anneal.data.loader import Microbatches, device_copy
-from anneal.scheduler.protocol import ParamScheduler
 from anneal.faults import fault_iteration, kill_self, stop_self
-from anneal.training.distributed import DistContext, all_reduce_mean, any_rank
+from anneal.scheduler.protocol import ParamScheduler
+from anneal.training.distributed import all_reduce_mean, any_rank
 from anneal.training.health import NonFiniteWatch
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb, reset_peak_memory
 from anneal.training.profiling import ProfilerWindow
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in checkpoints so a resumed run continues at the exact sample."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    skipped_iters: int = 0
-    wandb_run_id: str | None = None  # the W&B run this run logs to; a resume continues it
 
 
 class Checkpointer(Protocol):
