@@ -76,7 +76,7 @@ def _optimizer_config(dtype: str) -> OptimizerConfig:
 def _build(dims, dtype: str):
     from anneal.optim.param_groups import get_param_groups
     from anneal.optim.setup import build_fsdp2_optimizer, build_optimizer, model_dtype
-    from anneal.parallelize import build_parallel_model
+    from anneal.parallelize import build_parallel_model, deferred_init
 
     config = _optimizer_config(dtype)
     torch.manual_seed(0)
@@ -85,7 +85,8 @@ def _build(dims, dtype: str):
     groups = get_param_groups(model, config, fallback_min_lr=0.0)
     if dims.fsdp:
         return model, build_fsdp2_optimizer(config, groups, model, dims, model_dtype(config))
-    return model, build_optimizer(config, groups, backend="replicated", dtype=model_dtype(config), dp_group=None)
+    return model, build_optimizer(config, groups, backend="replicated", dtype=model_dtype(config), dp_group=None,
+                                  init=deferred_init(model, torch.device("cpu")))  # on meta until now
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -264,7 +265,7 @@ def _compiled_blocks_match_eager(rank: int, world: int) -> None:
     from torch._dynamo.utils import counters
 
     from anneal.parallel import single_process
-    from anneal.parallelize import build_parallel_model
+    from anneal.parallelize import build_parallel_model, deferred_init
 
     tokens = _batch(0)
     for dims in (single_process(), with_mesh(plan_layout(TRAIN, 1, 0, fsdp=True), "cpu")):
@@ -273,6 +274,8 @@ def _compiled_blocks_match_eager(rank: int, world: int) -> None:
             torch.manual_seed(0)
             model = build_parallel_model(MODEL, dims, device=torch.device("cpu"), param_dtype=torch.float32,
                                          reshard_after_forward=True, compile_backend=backend)
+            if not dims.fsdp:  # the native engine's model is on the meta device until its optimizer exists
+                deferred_init(model, torch.device("cpu")).materialise()
             counters.clear()
             loss = model(tokens[:, :-1], labels=tokens[:, 1:])
             loss.backward()

@@ -6,8 +6,8 @@ WSD schedule here; the others keep Bridge's cosine.
 
 Each is planned for one node of 8 GPUs (``plan.``): data parallel 8 on anneal's native engine with
 the distributed optimizer, 2 microbatches per rank per iteration. Up to 4B that is 8 × H100-80GB;
-Qwen3-8B's construction peak alone (10.5 B per parameter, 80 GiB) passes an H100's 78.6 GiB, so it
-targets 8 × H200-141GB (on H100s: ``dist.use_torch_fsdp2=true optimizer.use_distributed_optimizer=false``).
+Qwen3-8B needs 109 GiB per rank without recompute, so it targets 8 × H200-141GB (on H100s it fits with
+full recompute).
 ``tests/recipes`` checks that each fits its target by the planner.
 """
 

@@ -24,14 +24,15 @@ when it has a replicate dimension).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from anneal.config.model import ModelConfig
-from anneal.model.qwen3 import Qwen3Model, build_model
+from anneal.model.qwen3 import DecoderLayer, Qwen3Model
 from anneal.parallel import COLWISE, ROWWISE, TP_PARTIAL, ParallelDims
-
 
 
 def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, *, device: torch.device, param_dtype: torch.dtype,
@@ -40,34 +41,80 @@ def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, *, device: torch.
 
     On PyTorch's engine (``dims.fsdp``) it is never whole on a rank: one block at a time is materialised,
     initialised, tensor-parallelised, compiled and sharded (peak: the root's parameters and one block,
-    fp32). The native engine shards nothing here (its optimizer does): the model is built whole and its
-    blocks compiled. The parts are initialised in ``named_parameters`` order, so the weights equal
+    fp32). On the native engine the model stays on the meta device (its blocks compiled): the flat
+    optimizer materialises it, block by block, straight into its flat buffers
+    (``setup_optimizer(..., device=device)``, through ``deferred_init``), so the model is never whole in
+    fp32 beside them. The parts are initialised in ``named_parameters`` order, so the weights equal
     ``build_model``'s under the same seed: every layout starts where a single process does.
     """
     block = functools.partial(_parallelize_block, dims=dims, param_dtype=param_dtype,
                               reshard_after_forward=reshard_after_forward, compile_backend=compile_backend)
-    if not dims.fsdp:
-        model = build_model(cfg, device=device)
-        for layer in model.layers:
-            block(layer)
-        return model
     cfg.validate()
     with torch.device("meta"):
         model = Qwen3Model(cfg)
-    _materialise(model, model.embedding, "embedding.", device)
-    for i, layer in enumerate(model.layers):
-        _materialise(model, layer, f"layers.{i}.", device)
-        block(layer)
-    for name in ("final_norm", "output_layer"):
-        if getattr(model, name) is not None:
-            _materialise(model, getattr(model, name), f"{name}.", device)
+    if not dims.fsdp:
+        for layer in model.layers:
+            block(layer)
+        return model
+    for prefix, part in init_parts(model):
+        part.to_empty(device=device)
+        model.init_weights(prefix)
+        if isinstance(part, DecoderLayer):
+            block(part)
     _shard_root(model, dims, param_dtype)
     return model
 
 
-def _materialise(model: nn.Module, part: nn.Module, prefix: str, device: torch.device) -> None:
-    part.to_empty(device=device)
-    model.init_weights(prefix)
+def init_parts(model: Qwen3Model) -> list[tuple[str, nn.Module]]:
+    """(name prefix, module) of the parts initialised one at a time, in ``named_parameters`` order:
+    the embedding, each layer, the final norm and the output layer (when not tied)."""
+    layers = [(f"layers.{i}.", layer) for i, layer in enumerate(model.layers)]
+    tail = [(f"{name}.", getattr(model, name)) for name in ("final_norm", "output_layer")]
+    return [("embedding.", model.embedding), *layers, *((p, part) for p, part in tail if part is not None)]
+
+
+@dataclass(frozen=True)
+class MetaBlock:
+    """Parameters of a model on the meta device that one ``init`` call initialises, drawing from the RNG as
+    the whole model's ``init_weights()`` does at that point."""
+
+    params: tuple[nn.Parameter, ...]
+    init: Callable[[], None]
+
+    def materialise(self, device: torch.device) -> None:
+        """Give each parameter fp32 storage on ``device`` and initialise it; the Parameter objects stay the
+        same (the optimizer's param groups hold them)."""
+        for param in self.params:
+            storage = torch.empty(param.shape, dtype=torch.float32, device=device)
+            torch.utils.swap_tensors(param, nn.Parameter(storage, requires_grad=param.requires_grad))
+        self.init()
+
+
+@dataclass(frozen=True)
+class DeferredInit:
+    """How a model built on the meta device gets its weights: on ``device``, one block at a time."""
+
+    device: torch.device
+    blocks: tuple[MetaBlock, ...]
+
+    def materialise(self) -> None:
+        """Every block in fp32, each parameter its own tensor: the model ``build_model`` gives."""
+        for block in self.blocks:
+            block.materialise(self.device)
+
+
+def deferred_init(model: nn.Module, device: torch.device | None) -> DeferredInit | None:
+    """The blocks of ``build_parallel_model``'s native-engine model, still on the meta device; None when the
+    model already has its weights."""
+    named = list(model.named_parameters())
+    if not any(p.is_meta for _, p in named):
+        return None
+    if device is None:
+        raise ValueError("the model is on the meta device (build_parallel_model, native engine): "
+                         "pass the device to materialise it on (setup_optimizer(..., device=...))")
+    blocks = [MetaBlock(tuple(p for name, p in named if name.startswith(prefix)),
+                        functools.partial(model.init_weights, prefix)) for prefix, _ in init_parts(model)]
+    return DeferredInit(torch.device(device), tuple(blocks))
 
 
 def _parallelize_block(layer: nn.Module, dims: ParallelDims, *, param_dtype: torch.dtype,

@@ -55,7 +55,7 @@ def _native_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
         *_table(head, rows, p.ranks),
         f"  this config uses the {used}",
         "  microbatches: per rank per iteration; n/a: the global batch does not split over dp",
-        f"  build: while the model and optimizer are built ({_native_build(cfg.optimizer)})",
+        f"  build: while the model is built into the optimizer's buffers ({_native_build(cfg.optimizer)})",
         "  peak: the columns in use plus one microbatch's activations and logits",
     ]
 
@@ -92,9 +92,10 @@ def _torch_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
 
 
 def _native_build(optimizer: OptimizerConfig) -> str:
+    """What a rank holds at the native engine's construction peak (planner.construction_bytes)."""
     if optimizer.bf16 or optimizer.fp16:
-        return "fp32 model + fp32 flat copy + 16-bit flat buffer + fp32 master shard"
-    return "fp32 model + flat buffer + flat gradients"
+        return "16-bit flat buffer + fp32 master shard + the largest block in fp32, materialised into them"
+    return "flat buffer + the largest block in fp32, materialised into it"
 
 
 def _micro(r: RankMemory) -> str:

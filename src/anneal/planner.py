@@ -37,12 +37,15 @@ are the full vocabulary on every rank. Communication buffers, the transient unsh
 one block and allocator slack are not counted.
 
 Building the model has its own peak, before any activation exists (``construction_bytes``): the
-native engine holds the fp32 model, an fp32 flat copy, the 16-bit flat buffer and the fp32 master
-shard at once (``FlatOptimizer``'s ``_flatten_parameters``: ``10·N + 4·N/dp`` bytes under bf16/fp16
-with the distributed optimizer, ``14·N`` without; fp32: the model, the flat buffer and the flat
-gradients, ``12·N``); PyTorch's engine builds block by block (``build_parallel_model``): the root's fp32
-parameters whole, every block built so far as its fp32 shard, and one block whole. A rank needs the
-larger of the two peaks.
+native engine builds the model on the meta device and its flat optimizer materialises it block by
+block (embedding, each layer, final norm, output layer) straight into its flat parameter buffer and
+fp32 master shard, so it holds those two and one block in fp32 (``B`` elements, the largest block):
+``2·N + 4·N/dp + 4·B`` bytes under bf16/fp16 with the distributed optimizer, ``6·N + 4·B`` without;
+fp32 ``4·N + 4·B``. Gradients and moments come only after, so it stays below the steady state
+whenever ``4·B`` is below the gradients' bytes (always with fp32 gradients).
+PyTorch's engine builds block by block (``build_parallel_model``): the root's fp32 parameters whole,
+every block built so far as its fp32 shard, and one block whole. A rank needs the larger of the two
+peaks.
 
 When a rank does not fit, ``smallest_change`` names the first single change, in a fixed order, that
 would, else the first pair of them; ``ranks_to_fit`` the fewest ranks on which the config fits as it is.
@@ -317,27 +320,37 @@ def working_memory(cfg: ConfigContainer, kernel: str) -> tuple[float, float]:
 def construction_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: Shapes) -> int:
     """A rank's peak while the engine builds the model and the optimizer (see the module's docstring).
 
-    Native: ``_flatten_parameters`` copies the fp32 model into an fp32 flat buffer, casts that to the
-    16-bit one and clones this rank's fp32 master shard before the model's own tensors are freed (fp32:
-    the model, the flat buffer and the flat gradients). PyTorch's engine: ``build_parallel_model``
-    materialises the root whole and shards it last, and each block whole before sharding it.
+    Native: the flat optimizer allocates its parameter buffer (model dtype) and fp32 master shard, then
+    materialises the meta-device model into them one block at a time, each in fp32 (``_materialise``);
+    its gradients and moments come after, so with fp32 gradients this is at most the steady state.
+    PyTorch's engine: ``build_parallel_model`` materialises the root whole and shards it last, and each
+    block whole before sharding it.
     """
+    blocks = block_elements(shapes)
     if not dims.fsdp:
         n = sum(math.prod(shape) for _, shape in shapes)
-        if not (optimizer.bf16 or optimizer.fp16):
-            return 12 * n
+        per = bytes_per_parameter(optimizer)
         owned = -(-n // dims.dp_size) if optimizer.use_distributed_optimizer else n
-        return 10 * n + 4 * owned
-    root, blocks, whole = 0, 0, {}
+        return per.weights * n + per.master * owned + 4 * max(blocks.values(), default=0)
+    root, shards = 0, 0
     for name, shape in shapes:
-        local = math.prod(local_shape(name, shape, dims.tp_size, 0, dims.dp_shard, 0))
         if name.startswith("layers."):
-            blocks += local
-            block = name.split(".")[1]
-            whole[block] = whole.get(block, 0) + math.prod(shape)
+            shards += math.prod(local_shape(name, shape, dims.tp_size, 0, dims.dp_shard, 0))
         else:
             root += math.prod(shape)
-    return 4 * (root + blocks + max(whole.values(), default=0))
+    largest_layer = max((n for block, n in blocks.items() if block.startswith("layers.")), default=0)
+    return 4 * (root + shards + largest_layer)
+
+
+def block_elements(shapes: Shapes) -> dict[str, int]:
+    """Elements of each part the builders initialise one at a time (``anneal.parallelize.init_parts``):
+    ``embedding``, ``layers.N``, ``final_norm``, ``output_layer``."""
+    blocks: dict[str, int] = {}
+    for name, shape in shapes:
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+        blocks[block] = blocks.get(block, 0) + math.prod(shape)
+    return blocks
 
 
 def config_layout(cfg: ConfigContainer, world_size: int) -> ParallelDims | None:

@@ -62,7 +62,7 @@ def build(model_cfg: ModelConfig, dims: ParallelDims, *, zero1: bool = False) ->
     """(model, optimizer) for ``dims`` in fp32: the native flat optimizer, or FSDP2's (the launcher's builder)."""
     from anneal.optim.param_groups import get_param_groups
     from anneal.optim.setup import build_fsdp2_optimizer, build_optimizer
-    from anneal.parallelize import build_parallel_model
+    from anneal.parallelize import build_parallel_model, deferred_init
 
     torch.manual_seed(0)
     model = build_parallel_model(model_cfg, dims, device=torch.device("cpu"), param_dtype=torch.float32,
@@ -72,7 +72,7 @@ def build(model_cfg: ModelConfig, dims: ParallelDims, *, zero1: bool = False) ->
         return model, build_fsdp2_optimizer(OPTIMIZER, groups, model, dims, torch.float32)
     backend = "native" if zero1 else "replicated"
     return model, build_optimizer(OPTIMIZER, groups, backend=backend, dtype=torch.float32,
-                                  dp_group=dims.dp_group)
+                                  dp_group=dims.dp_group, init=deferred_init(model, torch.device("cpu")))
 
 
 def train_step(model, optimizer, tokens: torch.Tensor) -> None:

@@ -196,7 +196,7 @@ class Qwen3Model(nn.Module):
 
         ``prefix`` initialises only the parameters whose names start with it, drawing from the RNG as
         the whole model would at that point: initialising the parts in ``named_parameters`` order gives
-        the same weights as one call (``anneal.parallelize.build_sharded`` relies on it).
+        the same weights as one call (``anneal.parallelize.build_parallel_model`` relies on it).
         """
         std = self.cfg.init_method_std
         scaled_std = std / math.sqrt(2.0 * self.cfg.num_layers)

@@ -1,10 +1,13 @@
 """anneal's native optimizer: flat buffers, fused kernels, optional ZeRO-1 sharding over data parallel.
 
 At construction every trainable parameter becomes a view into one flat parameter buffer (in the
-model dtype: fp32, or bf16/fp16, to which the parameters are cast here). Gradients go to one flat
-gradient buffer, the buffer that is reduced: under fp32 each ``.grad`` is a view into it, so
-backward accumulates straight into it. Under bf16/fp16 it is an fp32 main-grad buffer
-(``grad_reduce_in_fp32``, Megatron's ``main_grad``): a hook after each parameter's gradient
+model dtype: fp32, or bf16/fp16, to which the parameters are cast here). A model still on the meta
+device (``build_parallel_model`` on the native engine, passed as ``init``) is materialised block by
+block straight into that buffer and the fp32 master shard: the buffers are allocated once and the
+model is never whole in fp32 beside them. Gradients go to one flat gradient buffer, the buffer that
+is reduced: under fp32 each ``.grad`` is a view into it, so backward accumulates straight into it.
+Under bf16/fp16 it is an fp32 main-grad buffer (``grad_reduce_in_fp32``, Megatron's
+``main_grad``): a hook after each parameter's gradient
 accumulation adds the low-precision ``.grad`` into its fp32 view and frees it, so microbatches
 accumulate and the data-parallel reduction runs in fp32 (with ``grad_reduce_in_fp32=false`` the
 buffer is in the model dtype and ``.grad`` views into it, as under fp32). The optimizer keeps
@@ -36,7 +39,7 @@ so ``torch.distributed.checkpoint`` reshards it N -> M.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,9 @@ from anneal.optim.loss_scaler import LossScaler
 from anneal.optim.norms import l2_norm
 from anneal.optim.param_groups import with_defaults
 from anneal.optim.update_rules import UpdateRule
+
+if TYPE_CHECKING:
+    from anneal.parallelize import DeferredInit
 
 
 class FlatOptimizer:
@@ -66,6 +72,7 @@ class FlatOptimizer:
         dp_group: dist.ProcessGroup | None = None,
         sharded: bool = False,
         grad_reduce_in_fp32: bool = True,
+        init: DeferredInit | None = None,
     ) -> None:
         self.update = update
         self.dtype = dtype
@@ -77,13 +84,16 @@ class FlatOptimizer:
         self.world_size, self.rank = comm.world_of(dp_group)
         self.param_groups = [with_defaults(g, weight_decay) for g in param_groups]
         self.params = [p for g in self.param_groups for p in g["params"]]
-        device = _single_device(self.params)
+        device = _single_device(self.params) if init is None else init.device
         self.layout = _layout_for(
             self.param_groups, self.world_size if sharded else 1, self.rank if sharded else 0
         )
-        self._flat_param, self._master = _flatten_parameters(
-            self.params, self.layout, dtype, device, dp_group
-        )
+        if init is None:
+            self._flat_param, self._master = _flatten_parameters(
+                self.params, self.layout, dtype, device, dp_group
+            )
+        else:  # the model is on the meta device: its blocks land in the flat buffers one by one
+            self._flat_param, self._master = _materialise(init, self.params, self.layout, dtype)
         grad_dtype = torch.float32 if self.main_grads else dtype
         self._flat_grad = torch.zeros(self.layout.padded, dtype=grad_dtype, device=device)
         self._param_views, self._grad_views = _bind_views(
@@ -328,6 +338,48 @@ def _flatten_parameters(
     if dtype == torch.float32:
         return full, full[lo:hi]
     return full.to(dtype), full[lo:hi].clone()
+
+
+def _materialise(
+    init: DeferredInit, params: list[torch.Tensor], layout: FlatLayout, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat parameter buffer in ``dtype``, fp32 master shard) filled block by block from a model on the
+    meta device, allocated once, before any weight exists.
+
+    Each block is initialised in fp32 (a block-sized temporary), copied into the flat buffer (cast) and,
+    where it falls in this rank's shard, into the fp32 master (the values before any rounding), then its
+    parameters become views of the buffer and the temporary is freed: besides the buffers a rank holds at
+    most one block in fp32. Every rank draws the same weights from the same seed, as on PyTorch's engine,
+    so nothing is broadcast. Under fp32 the master is this rank's slice of the buffer itself.
+    """
+    flat = torch.zeros(layout.padded, dtype=dtype, device=init.device)
+    lo, hi = layout.shard_bounds(layout.rank)
+    separate = dtype != torch.float32  # a master apart from the buffer
+    master = torch.zeros(hi - lo, dtype=torch.float32, device=init.device) if separate else flat[lo:hi]
+    offsets = {id(p): offset for p, offset in zip(params, layout.offsets)}
+    for block in init.blocks:
+        block.materialise(init.device)
+        for param in block.params:
+            if id(param) in offsets:  # frozen ones are not in the buffers (setup casts them)
+                _place(param, offsets[id(param)], flat, master if separate else None, lo)
+    if any(p.is_meta for p in params):
+        raise ValueError("a trainable parameter is in none of the model's blocks (DeferredInit.blocks)")
+    return flat, master
+
+
+def _place(
+    param: torch.Tensor, offset: int, flat: torch.Tensor, master: torch.Tensor | None, shard_start: int
+) -> None:
+    """Copy ``param``'s fp32 values into the flat buffer at ``offset`` and the part in this rank's shard into
+    ``master`` (if separate), then make ``param`` a view of the buffer (its own storage is freed)."""
+    values = param.detach().reshape(-1)
+    view = flat[offset : offset + values.numel()]
+    view.copy_(values)
+    if master is not None:
+        lo, hi = max(offset, shard_start), min(offset + values.numel(), shard_start + master.numel())
+        if lo < hi:
+            master[lo - shard_start : hi - shard_start].copy_(values[lo - offset : hi - offset])
+    param.data = view.view_as(param)
 
 
 def _bind_views(

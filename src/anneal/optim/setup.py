@@ -17,12 +17,16 @@ parameters to that dtype (in place, keeping fp32 master copies inside the optimi
 does not cast the model. Gradients accumulate and are reduced in fp32 unless
 ``grad_reduce_in_fp32=false`` (native and Apex). On PyTorch's engine the parameters stay fp32 and
 FSDP2 casts its gathered compute copy; its gradients are fp32 whatever ``grad_reduce_in_fp32`` says.
+
+Construction: a native-engine model from ``build_parallel_model`` is still on the meta device; with
+``device=`` the flat optimizer materialises it block by block into its buffers (each block initialised
+in fp32, so the masters hold the fp32 values), never holding the whole fp32 model.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +43,9 @@ from anneal.optim.update_rules import build_update_rule
 from anneal.parallel import ParallelDims
 from anneal.scheduler import ParamScheduler, Schedule, build_scheduler
 
+if TYPE_CHECKING:
+    from anneal.parallelize import DeferredInit
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,13 +58,15 @@ def setup_optimizer(
     dp_group: dist.ProcessGroup | None = None,
     resume: Any = None,
     layout: ParallelDims | None = None,
+    device: torch.device | None = None,
 ) -> tuple[AnnealOptimizer, ParamScheduler]:
     """Build the optimizer over ``model``'s parameter groups, then the scheduler that drives it.
 
     ``scheduler_config`` needs ``override_opt_param_scheduler`` and
     ``use_checkpoint_opt_param_scheduler``; ``schedule`` carries the numbers (in samples);
     ``resume`` (an ``anneal.resume.ResumePlan``) makes a branch or an extension keep them on load;
-    ``layout`` (``anneal.parallel``) selects PyTorch's engine when it has ``fsdp``.
+    ``layout`` (``anneal.parallel``) selects PyTorch's engine when it has ``fsdp``; ``device``: where a
+    model still on the meta device (``build_parallel_model`` on the native engine) is materialised.
     """
     optimizer_config.validate()
     groups = get_param_groups(model, optimizer_config, fallback_min_lr=schedule.min_lr)
@@ -65,10 +74,15 @@ def setup_optimizer(
     if layout is not None and layout.fsdp:
         optimizer = build_fsdp2_optimizer(optimizer_config, groups, model, layout, dtype)
     else:
-        backend = select_backend(optimizer_config, on_cuda=_on_cuda(model), group_backend=_group_backend(dp_group))
+        from anneal.parallelize import deferred_init
+
+        init = deferred_init(model, device)
+        on_cuda = init.device.type == "cuda" if init is not None else _on_cuda(model)
+        backend = select_backend(optimizer_config, on_cuda=on_cuda, group_backend=_group_backend(dp_group))
         _warn_unhonoured(optimizer_config, backend)
-        _cast_frozen_parameters(model, dtype)
-        optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group)
+        optimizer = build_optimizer(optimizer_config, groups, backend=backend, dtype=dtype, dp_group=dp_group,
+                                    init=init)
+        _cast_frozen_parameters(model, dtype)  # after: a meta-device model's exist only once built
     scheduler = build_scheduler(optimizer, scheduler_config, schedule,
                                 resume_mode=getattr(resume, "resume_mode", None),
                                 param_group_bounds=getattr(resume, "param_group_bounds", None))
@@ -131,9 +145,14 @@ def build_optimizer(
     backend: str,
     dtype: torch.dtype,
     dp_group: dist.ProcessGroup | None,
+    init: DeferredInit | None = None,
 ) -> AnnealOptimizer:
+    """The native-engine optimizer over ``groups``; ``init`` (``anneal.parallelize.deferred_init``) when
+    the model is still on the meta device: the flat optimizer builds it into its buffers block by block."""
     loss_scaler = build_loss_scaler(config)
     if backend == "apex":
+        if init is not None:  # Apex takes a materialised fp32 model
+            init.materialise()
         for group in groups:
             for param in group["params"]:
                 param.data = param.data.to(dtype)
@@ -148,6 +167,7 @@ def build_optimizer(
         dp_group=dp_group,
         sharded=backend == "native",
         grad_reduce_in_fp32=config.grad_reduce_in_fp32,
+        init=init,
     )
 
 

@@ -91,7 +91,8 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
     model = _build_model(cfg, ctx)
     derived = plan.derived  # the schedule in force after the resume decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
-                                           dp_group=ctx.parallel.dp_group, resume=plan, layout=ctx.parallel)
+                                           dp_group=ctx.parallel.dp_group, resume=plan, layout=ctx.parallel,
+                                           device=ctx.device)  # native engine: the model is built into it
     out = run_dir()
     metrics = MetricsLogger(cfg.logger, out, enabled=ctx.is_main, total_iters=derived.train_iters,
                             run_config=dataclasses.asdict(cfg),
@@ -140,7 +141,7 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
 
 def _build_model(cfg: ConfigContainer, ctx: DistContext) -> torch.nn.Module:
     """The model laid out per the layout (sharded block by block on PyTorch's engine), compiled if asked."""
-    # The native engine's parameters stay fp32 here: its flat optimizer holds the 16-bit copies.
+    # The native engine's model stays on the meta device here: its flat optimizer materialises it.
     dtype = model_dtype(cfg.optimizer) if ctx.parallel.fsdp else torch.float32
     return build_parallel_model(cfg.model, ctx.parallel, device=ctx.device, param_dtype=dtype,
                                 reshard_after_forward=cfg.dist.fsdp_reshard_after_forward,
