@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import re
 import sys
 import time
@@ -326,7 +328,9 @@ def test_plan_lays_the_configs_layout_over_each_world_size(tmp_path, monkeypatch
     assert p.unsplit == (3,)  # tp 2 does not divide 3 ranks
     (rank,) = p.ranks
     assert (rank.dims.dp_size, rank.dims.dp_shard, rank.dims.tp_size, rank.microbatches) == (2, 2, 2, 8)
-    assert rank.states == StateBytes(4 * 27968, 4 * 27968, 8 * 27968)  # counted by hand above
+    # counted by hand above; 8 microbatches: the gradient is also kept unsharded (2 shards' worth) until the
+    # last one's backward reduces it (dist.fsdp_grad_sync_each_microbatch=false)
+    assert rank.states == StateBytes(4 * 27968, 4 * 27968 + 4 * 2 * 27968, 8 * 27968)
     text = plan_table(p, cfg)
     assert ("PyTorch's engine (FSDP2), bf16 compute, adam: fp32 params 4 B + fp32 grads 4 B + optimizer "
             "state 8 B per element of the rank's shard") in text
@@ -347,8 +351,12 @@ def test_advice_order_is_recompute_chunking_sharding_fsdp2_then_tensor_parallel(
         "model.recompute_granularity=selective",
         "model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1",
         "model.cross_entropy_chunk_size=4096", "optimizer.use_distributed_optimizer=true", engine,
+        f"{engine} dist.fsdp_grad_sync_each_microbatch=true",  # FSDP2 keeping no unsharded gradient
         f"{engine} model.tensor_model_parallel_size=2",  # 4 heads, 2 groups: tp 4 and 8 do not divide them
     ]
+    fsdp2 = dataclasses.replace(cfg, dist=DistributedConfig(use_torch_fsdp2=True),
+                                optimizer=dataclasses.replace(cfg.optimizer, use_distributed_optimizer=False))
+    assert "dist.fsdp_grad_sync_each_microbatch=true" in [override for override, _ in candidates(fsdp2, 8)]
     assert [override for override, _ in candidates(cfg, 1)][-1] == "model.cross_entropy_chunk_size=4096"
 
 
@@ -361,16 +369,24 @@ def test_qwen3_8b_on_eight_70_gib_ranks_needs_tensor_parallel_4_only_when_scores
     # By hand (GiB per rank, s = h = 4096, 36 layers, 8.19B parameters of which 1.245B are replicated under
     # tensor parallel), the math kernel storing scores: native 18 B × 8.19B = 137; the distributed optimizer
     # 57 + activations 109; FSDP2 over 8: 15.3 + 109; tp 2 × FSDP2 4: 17.6 + gathered 2.7 + activations 57.4
-    # (10 + 12 + 80 per layer) + logits 7.0 = 84.6; tp 4 × FSDP2 2: 22.2 + 2.5 + 31.5 (10 + 6 + 40) + 7.0 = 63.2.
+    # (10 + 12 + 80 per layer) + logits 7.0 = 84.6; tp 4 × FSDP2 2: 22.2 + 2.5 + 31.5 (10 + 6 + 40) + 7.0 = 63.2,
+    # plus the unsharded fp32 gradient FSDP2 keeps across its 16 microbatches (4 B × 2.98B tp-local = 11.1):
+    # 74.3, too much; tp 8 fits.
     override, memory = smallest_change(cfg, 8, shapes, 70 * 1024**3, "math")
+    assert (override, round(memory.need / 1024**3, 1)) == (f"{engine} model.tensor_model_parallel_size=8", 67.3)
+    synced = dataclasses.replace(cfg, dist=DistributedConfig(fsdp_grad_sync_each_microbatch=True))
+    override, memory = smallest_change(synced, 8, shapes, 70 * 1024**3, "math")
     assert (override, round(memory.need / 1024**3, 1)) == (f"{engine} model.tensor_model_parallel_size=4", 63.2)
-    # Flash keeps no scores: activations 34 per layer (19.1), so FSDP2 over 8 alone fits:
-    # 15.3 + gathered 3.0 (the untied root, 1.245B, and two blocks of 193M, in bf16) + 19.1 + 7.0 = 44.4.
-    with pytest.raises(ConfigError, match=rf"it fits with {engine} \(44.\d\d GiB per rank\)$"):
+    # Flash keeps no scores: activations 34 per layer (19.1), so FSDP2 over 8 reducing every microbatch fits:
+    # 15.3 + gathered 3.0 (the untied root, 1.245B, and two blocks of 193M, in bf16) + 19.1 + 7.0 = 44.4
+    # (reducing once per iteration adds the unsharded fp32 gradient, 30.5: 74.9).
+    with pytest.raises(ConfigError, match=rf"it fits with {engine} dist.fsdp_grad_sync_each_microbatch=true "
+                                          r"\(44.\d\d GiB per rank\)$"):
         check_fits(cfg, plan_layout(cfg.train, 8), "cuda", _gpu(70 * 1024**3))
     with pytest.raises(ConfigError, match=r"no single change or pair .* fits on 8 ranks: pick a smaller model"):
         check_fits(cfg, plan_layout(cfg.train, 8), "cuda", _gpu(10 * 1024**3))
-    taken = dataclasses.replace(cfg, dist=DistributedConfig(use_torch_fsdp2=True))
+    taken = dataclasses.replace(cfg, dist=DistributedConfig(use_torch_fsdp2=True,
+                                                            fsdp_grad_sync_each_microbatch=True))
     check_fits(taken, plan_layout(taken.train, 8, fsdp=True), "cuda", _gpu(70 * 1024**3))  # the advice, taken
 
 
@@ -418,25 +434,51 @@ def test_construction_peak_counted_from_the_build_code() -> None:
     shapes, n = parameter_shapes(model), SMALL_PARAMETERS
     bf16 = OptimizerConfig(lr=1e-3, bf16=True)
     zero1 = OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True)
-    # native: fp32 model 4 + fp32 flat copy 4 + bf16 flat buffer 2 + fp32 master shard 4 (÷ dp when sharded)
-    assert construction_bytes(bf16, _dims(4, fsdp=False), shapes) == 14 * n
-    assert construction_bytes(zero1, _dims(4, fsdp=False), shapes) == 10 * n + 4 * (n // 4)
-    fp32 = OptimizerConfig(lr=1e-3)  # model 4 + flat buffer 4 + flat gradients 4
-    assert construction_bytes(fp32, _dims(4, fsdp=False), shapes) == 12 * n
+    layer = 12288 + 36864 + 160  # the largest block, in fp32 while it is materialised
+    # native: bf16 flat buffer 2 + fp32 master 4 (÷ dp when sharded), and one block in fp32
+    assert construction_bytes(bf16, _dims(4, fsdp=False), shapes) == 6 * n + 4 * layer
+    assert construction_bytes(zero1, _dims(4, fsdp=False), shapes) == 2 * n + 4 * (n // 4) + 4 * layer
+    fp32 = OptimizerConfig(lr=1e-3)  # the flat buffer is the master
+    assert construction_bytes(fp32, _dims(4, fsdp=False), shapes) == 4 * n + 4 * layer
     # FSDP2 over 4: the root whole (6400 + 64), each block's shard on rank 0 (q 16×64, k and v 8×64, o
     # 16×64, gate and up 48×64, down 16×192, norms 16 + 16 + 4 + 4 = 12328), one block whole (49312)
-    assert construction_bytes(bf16, _dims(4), shapes) == 4 * (6464 + 2 * 12328 + 49312)
+    assert construction_bytes(bf16, _dims(4), shapes) == 4 * (6464 + 2 * 12328 + layer)
+
+
+@pytest.mark.parametrize("name", ["qwen3_0p6b", "qwen3_8b"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_native_construction_never_exceeds_the_steady_state(name, precision) -> None:
+    from anneal.recipes import RECIPES
+
+    model = RECIPES[name]().model
+    shapes = parameter_shapes(model)
+    n = sum(math.prod(shape) for _, shape in shapes)
+    for distributed, dp in itertools.product((False, True), (1, 8, 64, 1024)):
+        optimizer = OptimizerConfig(lr=1e-3, bf16=precision == "bf16", fp16=precision == "fp16",
+                                    use_distributed_optimizer=distributed)
+        dims = _dims(dp, fsdp=False)
+        steady = state_bytes(model, optimizer, dims, shapes=shapes).total
+        assert construction_bytes(optimizer, dims, shapes) <= steady, (distributed, dp)
+    if precision == "bf16":  # ZeRO-1 over 64 ranks: 2 + 4/64 B per parameter and one block, against 6.19
+        zero1 = OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True)
+        assert construction_bytes(zero1, _dims(64, fsdp=False), shapes) / n < 0.55 * 6.19
 
 
 def test_the_larger_of_the_steady_and_the_construction_peak_decides(tmp_path, monkeypatch) -> None:
+    # FSDP2 over 64 ranks with a large vocabulary: the root's fp32 weights, whole while built, outweigh
+    # the few rows of state and the short sequence's activations each rank holds afterwards.
+    model = {**SMALL, "hidden_size": 256, "kv_channels": 64, "vocab_size": 4000, "seq_length": 16}
     cfg = ConfigContainer(train=TrainingConfig(train_iters=100, global_batch_size=64, micro_batch_size=1),
-                          model=ModelConfig(**SMALL),
-                          optimizer=OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True))
+                          model=ModelConfig(**model), optimizer=OptimizerConfig(lr=1e-3, bf16=True),
+                          dist=DistributedConfig(use_torch_fsdp2=True))
     (rank,) = plan(cfg, 3200, [64]).ranks
-    assert rank.construction > rank.peak  # 10.06 B per parameter while building, 6.19 B + 0.17 MiB after
+    assert rank.construction > rank.peak
     _meminfo(tmp_path, monkeypatch, int((rank.peak + rank.construction) / 2) // 1024)
     with pytest.raises(ConfigError, match=r"GiB in all \(building the model: .* GiB\), but cpu has"):
-        check_fits(cfg, plan_layout(cfg.train, 64), device="cpu")
+        check_fits(cfg, plan_layout(cfg.train, 64, fsdp=True), device="cpu")
+    native = dataclasses.replace(cfg, dist=DistributedConfig())  # its build stays within the steady state
+    (rank,) = plan(native, 3200, [64]).ranks
+    assert rank.construction < rank.peak
 
 
 def test_time_estimate_on_eight_h100s() -> None:
@@ -486,11 +528,11 @@ def test_qwen3_4b_fits_eight_h100s_and_one_names_the_smallest_change(compose) ->
     one = next(line for line in text.splitlines() if line.startswith("world 1:"))
     # 18 B per parameter (67.4 GiB) + 23.9 GiB of activations + 13.9 of logits: recompute alone leaves
     # 83.4, chunking alone 91.5; both together 67.4 + 2.1 + 7.0 = 76.5; as it is, dp 4 shards the state
-    assert re.fullmatch(r"world 1: peak 105.\d\d GiB per rank, building 52.\d\d GiB, does not fit; it fits with "
+    assert re.fullmatch(r"world 1: peak 105.\d\d GiB per rank, building 23.\d\d GiB, does not fit; it fits with "
                         r"model.recompute_granularity=full model.recompute_method=uniform "
                         r"model.recompute_num_layers=1 model.cross_entropy_chunk_size=4096 \(76.\d\d GiB per "
                         r"rank\); as configured it fits on 4 ranks", one)
-    assert re.search(r"^world 8: peak 65.\d\d GiB per rank, building 39.\d\d GiB, fits$", text, re.M)
+    assert re.search(r"^world 8: peak 65.\d\d GiB per rank, building 10.\d\d GiB, fits$", text, re.M)
     assert re.search(r"^  time: 1.\d+ s / iteration, 4.\d+ days for the run, [\d.]+B tokens / day on 8 × "
                      r"H100-80GB at 38% MFU", text, re.M)
 
@@ -516,3 +558,21 @@ def test_bench_gpu_run_shows_why_it_failed(monkeypatch) -> None:
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2, "", f"log\n{refusal}\n"))
     with pytest.raises(RuntimeError, match=r"qwen3_1p7b \(native\) exited 2:\nlog\n" + re.escape(refusal)):
         gpu._run("qwen3_1p7b", "native", 10)
+
+
+def test_fsdp2_counts_the_unsharded_gradient_it_keeps_across_microbatches(compose) -> None:
+    """Reducing once per iteration keeps the whole (TP-local) fp32 gradient until the last microbatch."""
+    from anneal.planner import config_layout, kernel_of, parameter_shapes, rank_memory
+
+    def grads(*overrides: str) -> int:
+        cfg = compose("dist.use_torch_fsdp2=true", *overrides)
+        shapes = parameter_shapes(cfg.model)
+        return rank_memory(cfg, config_layout(cfg, 4), shapes, kernel_of(cfg, "cpu")).states.grads
+
+    n = sum(math.prod(shape) for _, shape in parameter_shapes(compose().model))
+    one_micro = grads("train.global_batch_size=32", "train.micro_batch_size=8")  # 32 / 4 ranks: 1 microbatch
+    several = grads("train.global_batch_size=32", "train.micro_batch_size=2")  # 4 microbatches
+    synced = grads("train.global_batch_size=32", "train.micro_batch_size=2",
+                   "dist.fsdp_grad_sync_each_microbatch=true")
+    assert synced == one_micro and 4 * n // 4 - 64 <= one_micro <= 4 * n // 4 + 4096  # sharded over 4
+    assert several - one_micro == 4 * n  # plus the whole fp32 gradient

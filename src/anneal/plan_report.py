@@ -87,6 +87,8 @@ def _torch_lines(p: Plan, cfg: ConfigContainer) -> list[str]:
         "  microbatches: per rank per iteration; n/a: the global batch does not split over dp",
         "  build: while the model is built block by block (the root's fp32 parameters whole, the blocks "
         "built so far as fp32 shards, one block whole)",
+        "  grads: with more than one microbatch, plus the unsharded fp32 gradient kept until the last one's "
+        "backward reduces it (dist.fsdp_grad_sync_each_microbatch=true: sharded only)",
         "  peak: params + grads + optimizer + gathered + one microbatch's activations and logits",
     ]
 

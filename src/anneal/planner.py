@@ -237,6 +237,12 @@ def state_bytes(model: ModelConfig, optimizer: OptimizerConfig, dims: ParallelDi
     return StateBytes(params=4 * local, grads=4 * local, optimizer=per.moments * local)
 
 
+def accumulated_grad_bytes(dims: ParallelDims, shapes: Shapes) -> int:
+    """FSDP2 reducing once per iteration (``dist.fsdp_grad_sync_each_microbatch=false``): the unsharded fp32
+    gradient of this rank's tensor-parallel part, kept across the microbatches before the last."""
+    return 4 * sum(math.prod(local_shape(name, shape, dims.tp_size)) for name, shape in shapes)
+
+
 def gathered_bytes(optimizer: OptimizerConfig, dims: ParallelDims, shapes: Shapes, *,
                    reshard_after_forward: bool) -> int:
     """FSDP2's gathered compute copies held at once: the root's parameters, plus two blocks or every block.
@@ -375,7 +381,10 @@ def rank_memory(cfg: ConfigContainer, dims: ParallelDims, shapes: Shapes, kernel
             native[key] = state_bytes(cfg.model, optimizer, dims, shapes=shapes)
     gathered = gathered_bytes(cfg.optimizer, dims, shapes,
                               reshard_after_forward=cfg.dist.fsdp_reshard_after_forward)
-    return RankMemory(dims, microbatches, state_bytes(cfg.model, cfg.optimizer, dims, shapes=shapes),
+    states = state_bytes(cfg.model, cfg.optimizer, dims, shapes=shapes)
+    if dims.fsdp and (microbatches or 1) > 1 and not cfg.dist.fsdp_grad_sync_each_microbatch:
+        states = dataclasses.replace(states, grads=states.grads + accumulated_grad_bytes(dims, shapes))
+    return RankMemory(dims, microbatches, states,
                       *working_memory(cfg, kernel), gathered=gathered,
                       construction=construction_bytes(cfg.optimizer, dims, shapes), **native)
 
@@ -513,8 +522,14 @@ def candidates(cfg: ConfigContainer, world_size: int) -> Iterator[tuple[str, Con
         yield ("optimizer.use_distributed_optimizer=true",
                _with(cfg, optimizer={"use_distributed_optimizer": True}))
     engine = "" if fsdp else "dist.use_torch_fsdp2=true optimizer.use_distributed_optimizer=false"
+    synced = "dist.fsdp_grad_sync_each_microbatch=true"  # no unsharded gradient kept across microbatches
     if world_size > 1 and not fsdp:
         yield engine, _with(cfg, **TORCH_ENGINE)
+        if not cfg.dist.fsdp_grad_sync_each_microbatch:
+            lean = {**TORCH_ENGINE["dist"], "fsdp_grad_sync_each_microbatch": True}
+            yield f"{engine} {synced}", _with(cfg, dist=lean, optimizer=TORCH_ENGINE["optimizer"])
+    if fsdp and not cfg.dist.fsdp_grad_sync_each_microbatch:
+        yield synced, _with(cfg, dist={"fsdp_grad_sync_each_microbatch": True})
     for tp in TENSOR_PARALLEL_SIZES:
         changed = _with(cfg, model={"tensor_model_parallel_size": tp}, **({} if fsdp else TORCH_ENGINE))
         if tp > m.tensor_model_parallel_size and world_size % tp == 0 and _valid(changed.model):

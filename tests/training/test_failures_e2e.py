@@ -210,6 +210,41 @@ def test_ctrl_c_under_torchrun_stops_every_rank_with_a_save(tmp_path: Path) -> N
     assert (run / "exit_code").read_text() == "130\n"  # torchrun says 1; the requeue reads this
 
 
+def test_sigterm_under_torchrun_is_agreed_within_seconds_without_a_logging_step(tmp_path: Path) -> None:
+    """SIGTERM to the torchrun agent with no logging step or save in sight: every rank stops at one iteration
+    within about AGREE_EVERY_S plus an iteration, saves and exits 143 (before: at the next logging step, here
+    never; torchrun SIGKILLs its workers 30 s after the signal)."""
+    from anneal.training.signals import AGREE_EVERY_S
+
+    run = tmp_path / "run"
+    overrides = ["train.train_iters=100000", "logger.log_interval=100000"]
+    with open(tmp_path / "out.log", "w+") as out, open(tmp_path / "err.log", "w+") as err:
+        proc = subprocess.Popen(_command(run, overrides, 2), stdout=out, stderr=err, text=True,
+                                env=_env(None), cwd=run.parent)
+        deadline = time.monotonic() + 120
+        while "global batch" not in _text(run / "pretrain.log") and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # mid-run: the agreements' windows have grown from one iteration to seconds
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        proc.wait(timeout=60)
+        stopped_s = time.monotonic() - signalled
+    stdout, stderr = _text(tmp_path / "out.log"), _text(tmp_path / "err.log")
+    match = re.search(r"SIGTERM: stopped cleanly after iteration (\d+); checkpoint (\S+);", stdout)
+    assert match, stdout[-2000:] + stderr[-2000:]
+    stopped_at = int(match.group(1))
+    assert match.group(2) == str(files.iter_dir(run / "ckpt", stopped_at)) and not _error_lines(stderr)
+    assert _latest(run) == stopped_at < 100000
+    assert (run / "exit_code").read_text() == "143\n"
+    # the agreement (iterations of a few ms here), the save, the exit of both ranks and of torchrun (~2-4 s)
+    assert stopped_s < AGREE_EVERY_S + 10, stopped_s
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 # -- errors under torchrun ----------------------------------------------------------------------------
 
 def _kill_the_frozen_rank(line: str) -> None:

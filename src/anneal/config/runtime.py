@@ -107,6 +107,10 @@ class DistributedConfig:
     # HSDP (torchtitan's name): replicas of the FSDP2 group; each shards over data-parallel size / this.
     data_parallel_replicate_degree: int = 1
     fsdp_reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3) or keep them
+    # false: reduce gradients once per iteration, in the last microbatch's backward (those before keep the
+    # unsharded fp32 gradient, 4 B per parameter of the model, on every rank); true: reduce-scatter after each
+    # microbatch, sharded gradients only (torchtitan's way). HSDP's replica all-reduce runs once either way.
+    fsdp_grad_sync_each_microbatch: bool = False
 
     def validate(self) -> None:
         check_choice("dist.backend", self.backend, DIST_BACKENDS)

@@ -2,7 +2,8 @@
 
 FSDP2 owns what the flat optimizer does by hand on the native engine: the parameters are fp32
 shards (the master weights; bf16/fp16 exists only as FSDP2's gathered compute copy), gradients
-arrive reduce-scattered and averaged over data parallel, in fp32. This class adds Megatron's
+arrive reduce-scattered and averaged over data parallel, in fp32, once per iteration (the trainer has
+FSDP2 reduce in the last microbatch's backward only). This class adds Megatron's
 step on top, with the same update kernels (``update_rules``) and the same rules:
 
 - tensor parallel: the gradients of the per-head q/k norms are partial sums on each TP rank

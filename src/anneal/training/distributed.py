@@ -104,12 +104,3 @@ def all_reduce_mean(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=dims.dp_group)
         value /= dims.dp_size
     return value
-
-
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True when ``flag`` is true on any rank (every rank gets the same answer)."""
-    if ctx.backend is None:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

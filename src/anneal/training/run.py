@@ -120,7 +120,8 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
     parts = LoopParts(model, optimizer, scheduler, *data, derived.ramp, checkpointer=checkpointer,
                       throughput=throughput, profiler=profiler)
     trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
-                      log_interval=cfg.logger.log_interval, state=state)
+                      log_interval=cfg.logger.log_interval, state=state,
+                      grad_sync_each_microbatch=cfg.dist.fsdp_grad_sync_each_microbatch)
     stage.now, stage.trainer, stage.checkpointer = "training", trainer, checkpointer
     with _peer_monitor(cfg, ctx, trainer, checkpointer) as stage.monitor:
         try:

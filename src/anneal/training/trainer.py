@@ -6,8 +6,12 @@ while the data position moves on (Megatron does the same). The loop does no host
 logging steps, where the metrics are read, and before a checkpoint is written, where the ranks
 check together that the loss and gradient norm stayed finite (``anneal.training.health``).
 
-SIGTERM or a first Ctrl-C stops the loop after the current iteration (under torchrun, at the next
-logging step, where the ranks agree) and saves; a second Ctrl-C aborts (``anneal.training.signals``).
+SIGTERM or a first Ctrl-C stops the loop after the current iteration (under torchrun, within about
+``signals.AGREE_EVERY_S`` seconds plus an iteration, where the ranks agree) and saves; a second Ctrl-C
+aborts (``anneal.training.signals``).
+
+On PyTorch's engine the gradients are reduced once per iteration, in the last microbatch's backward:
+the microbatches before accumulate unsharded fp32 gradients (README: Scaling on PyTorch's engine).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from anneal.config.batch import BatchRamp
 from anneal.config.training import TrainingConfig
@@ -25,10 +30,11 @@ from anneal.context import DistContext, TrainState
 from anneal.data.loader import Microbatches, device_copy
 from anneal.faults import fault_iteration, kill_self, stop_self
 from anneal.scheduler.protocol import ParamScheduler
-from anneal.training.distributed import all_reduce_mean, any_rank
+from anneal.training.distributed import all_reduce_mean
 from anneal.training.health import NonFiniteWatch
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb, reset_peak_memory
 from anneal.training.profiling import ProfilerWindow
+from anneal.training.signals import StopSchedule
 
 
 class Checkpointer(Protocol):
@@ -56,7 +62,8 @@ class LoopParts:
 
 class Trainer:
     def __init__(self, cfg: TrainingConfig, parts: LoopParts, ctx: DistContext, metrics: MetricsLogger, *,
-                 train_iters: int, log_interval: int, state: TrainState | None = None) -> None:
+                 train_iters: int, log_interval: int, state: TrainState | None = None,
+                 grad_sync_each_microbatch: bool = False) -> None:
         self.cfg = cfg
         self.p = parts
         self.ctx = ctx
@@ -71,9 +78,12 @@ class Trainer:
         self._kill_at = fault_iteration("kill_at_iteration", ctx.rank)
         self._stop_at = fault_iteration("stop_at_iteration", ctx.rank)
         self._copy = device_copy(ctx.device)  # pinned, prefetched on a side stream on CUDA; as is on the CPU
+        self.grad_sync_each_microbatch = grad_sync_each_microbatch  # dist.fsdp_grad_sync_each_microbatch
+        self._agreements = StopSchedule()  # when the ranks agree on a stop signal
 
     def train(self, stop: Any = None) -> TrainState:
-        """Run to ``train_iters`` or until ``stop.signum`` is set (``StopSignals``); then save."""
+        """Run to ``train_iters`` or until ``stop.signum`` is set (``StopSignals``); then save, and return once
+        every save is complete (a save in the background, ``checkpoint.async_save``, is waited for)."""
         self._stop = stop
         self._loop()
         self._check_finite()
@@ -87,6 +97,7 @@ class Trainer:
             self.p.throughput.reset()  # time spent building and loading is not training throughput
         loss_sum = torch.zeros((), device=self.ctx.device)
         iters_in_window = 0
+        self._agreements.start(start)
         while s.iteration < self.train_iters:
             if self._kill_at == s.iteration + 1:
                 kill_self()  # test hook: SIGKILL as this iteration starts
@@ -111,14 +122,13 @@ class Trainer:
             if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
                 with self._excluded():
                     self._log_eval()
+            saving = self.p.checkpointer is not None and self.p.checkpointer.due(s)
+            if logging_step or saving:
+                self._check_finite()  # nothing non-finite is ever written
             if self.p.checkpointer is not None:  # after the evaluation, which a plateau schedule consumes
-                if logging_step or self.p.checkpointer.due(s):
-                    self._check_finite()  # nothing non-finite is ever written
                 with self._excluded():
                     self.p.checkpointer.maybe_save(s)
-            elif logging_step:
-                self._check_finite()
-            if self._should_exit(logging_step):
+            if self._should_exit(synced=logging_step or saving):
                 break
 
     def _excluded(self, when: bool = True):
@@ -136,7 +146,8 @@ class Trainer:
         p.model.train()
         p.optimizer.zero_grad()
         loss_sum = torch.zeros((), device=ctx.device)
-        for tokens in self._microbatches(p.train_data, s.consumed_samples, num_micro):
+        for i, tokens in enumerate(self._microbatches(p.train_data, s.consumed_samples, num_micro)):
+            self._reduce_grads_in_backward(last=i == num_micro - 1)
             loss = _lm_loss(p.model, tokens)
             p.optimizer.scale_loss(loss / num_micro).backward()
             loss_sum += loss.detach()
@@ -149,6 +160,17 @@ class Trainer:
         if p.throughput is not None:
             p.throughput.add(batch * self.p.train_data.seq_length)
         return loss_sum / num_micro, result
+
+    def _reduce_grads_in_backward(self, *, last: bool) -> None:
+        """PyTorch's engine: reduce the gradients in the last microbatch's backward only (FSDP2 accumulates
+        the others unsharded, in fp32); with ``grad_sync_each_microbatch``, reduce-scatter in every backward
+        and all-reduce over HSDP replicas in the last. The native engine reduces in ``optimizer.step()``."""
+        if not self.ctx.parallel.fsdp:
+            return
+        if self.grad_sync_each_microbatch:
+            self.p.model.set_requires_all_reduce(last)  # the sharded sums wait for the replicas' all-reduce
+        else:
+            self.p.model.set_requires_gradient_sync(last)  # reduce-scatter and HSDP all-reduce together
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -200,21 +222,38 @@ class Trainer:
         self.metrics.log({"iteration": self.state.iteration, "valid_loss": valid_loss})
         self.p.scheduler.observe(valid_loss)  # ReduceLROnPlateau steps on it; other schedules ignore it
 
-    def _should_exit(self, logging_step: bool) -> bool:
+    def _should_exit(self, synced: bool) -> bool:
+        """Stop after this iteration: a stop signal on any rank, or ``train.exit_interval``.
+
+        A single process reads its signal every iteration. Ranks agree in one tiny all-reduce, at
+        iterations every rank picks alike: where the loop syncs anyway (``synced``: a log, a save), at an
+        exit interval, and when ``StopSchedule`` is due (about every ``AGREE_EVERY_S`` seconds).
+        """
+        it = self.state.iteration
         interval = self.cfg.exit_interval
-        by_interval = bool(interval) and self.state.iteration % interval == 0
-        # Ranks agree on a SIGTERM with a collective, so only on logging steps (where the loop syncs
-        # anyway) or at an exit interval; a single process needs no agreement and checks every step.
-        if not (self.ctx.backend is None or logging_step or by_interval):
+        by_interval = bool(interval) and it % interval == 0
+        asked = self.stop_requested or getattr(self._stop, "signum", None) is not None
+        if self.ctx.backend is None:
+            stop = asked
+        elif synced or by_interval or self._agreements.due(it):
+            stop, slowest_s = _agree_on_stop(asked, self._agreements.elapsed_s(), self.ctx.device)
+            self._agreements.agreed(it, slowest_s)
+        else:
             return False
-        if any_rank(self.stop_requested or getattr(self._stop, "signum", None) is not None, self.ctx):
-            self.stop_requested = True
-            return True
-        return by_interval
+        self.stop_requested = stop
+        return stop or by_interval
 
     def _check_finite(self) -> None:
         latest = self.p.checkpointer.latest() if self.p.checkpointer is not None else None
         self.watch.check(self.ctx, iteration=self.state.iteration, latest=str(latest) if latest else None)
+
+
+def _agree_on_stop(asked: bool, elapsed_s: float, device: torch.device) -> tuple[bool, float]:
+    """(whether any rank asked to stop, the slowest rank's ``elapsed_s``): one all-reduce of two numbers."""
+    flags = torch.tensor([float(asked), elapsed_s], dtype=torch.float64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    any_asked, slowest_s = flags.tolist()  # the one host sync, every few seconds
+    return any_asked > 0, slowest_s
 
 
 def _lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
