@@ -33,6 +33,7 @@ class DistContext:
     # The parallel layout (data-parallel rank, size, group); None: pure data parallel over every rank,
     # without a mesh (a context built by hand for a checkpointer or a benchmark).
     parallel: ParallelDims | None = None
+    timeout_s: float | None = None  # dist.timeout_minutes: groups made later wait as long; None: torch's default
 
     def __post_init__(self) -> None:
         if self.parallel is None:

@@ -1,4 +1,8 @@
-"""A save that cannot be completed loses nothing: a full disk, non-finite state; one process and torchrun."""
+"""A save that cannot be completed loses nothing: a full disk, non-finite state; one process and torchrun.
+
+The ``-async`` cases write in the background (``checkpoint.async_save``): the failure is agreed there and
+stops the run at its next save or at the end, with the same line.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def small_disk(tmp_path: Path):
 
 
 def _save_dir(small_disk, tmp_path: Path, how: str, size: str) -> Path:
-    if how == "fault":
+    if how.startswith("fault"):
         return tmp_path / "plain" / "ck"
     disk = small_disk(size)
     if disk is None:
@@ -49,15 +53,19 @@ def _leftovers(ck: Path) -> list[str]:
     return sorted(p.name for p in ck.iterdir() if p.name.startswith(".iter_") or p.name == "iter_0000010")
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "fault"])
+def _async(how: str) -> list[str]:
+    return ["checkpoint.async_save=true"] if how.endswith("-async") else []
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "fault", "fault-async"])
 def test_full_disk_keeps_the_latest_checkpoint_and_removes_the_partial_save(small_disk, tmp_path: Path,
                                                                             how: str) -> None:
     # 5 MiB holds one 2.9 MB checkpoint, not two: the save of iteration 10 is refused before writing.
     ck = _save_dir(small_disk, tmp_path, how, "5m")
-    save = [f"checkpoint.save={ck}", "checkpoint.save_interval=5", "train.train_iters=10"]
+    save = [f"checkpoint.save={ck}", "checkpoint.save_interval=5", "train.train_iters=10", *_async(how)]
     assert run(tmp_path, *save, "train.exit_interval=5").returncode == 0
     before = digest(ck)
-    result = run(tmp_path, *save, fault="enospc_in_save:10" if how == "fault" else None)
+    result = run(tmp_path, *save, fault="enospc_in_save:10" if how.startswith("fault") else None)
     assert result.returncode == 1, result.stderr[-3000:]
     line = error_line(result)
     assert line.startswith(f"anneal: error: no space left on device while saving iteration 10 to {ck}")
@@ -68,7 +76,7 @@ def test_full_disk_keeps_the_latest_checkpoint_and_removes_the_partial_save(smal
     assert (ck / files.TRACKER).read_text().strip() == "5"
 
 
-@pytest.mark.parametrize("how", ["tmpfs", "fault"])
+@pytest.mark.parametrize("how", ["tmpfs", "fault", "fault-async"])
 def test_full_disk_under_torchrun_fails_on_every_rank_and_removes_the_partial_save(small_disk, tmp_path: Path,
                                                                                    how: str) -> None:
     # 2600 KiB is less than the first checkpoint (2.9 MB) but more than rank 0's share of it: the disk fills
@@ -77,9 +85,9 @@ def test_full_disk_under_torchrun_fails_on_every_rank_and_removes_the_partial_sa
     ck.mkdir(parents=True)
     (ck / "notes.txt").write_text("kept")
     before = digest(ck)
-    fault = "enospc_in_save:5:1" if how == "fault" else None
+    fault = "enospc_in_save:5:1" if how.startswith("fault") else None
     result = run(tmp_path, f"checkpoint.save={ck}", "checkpoint.save_interval=5", "train.train_iters=6",
-                 "optimizer=distributed_fused_adam", nproc=2, fault=fault)
+                 "optimizer=distributed_fused_adam", *_async(how), nproc=2, fault=fault)
     assert result.returncode != 0
     for rank in ("", "[rank 1] "):
         assert (f"anneal: error: {rank}no space left on device while saving iteration 5 to {ck}; "

@@ -8,6 +8,10 @@ the state is not finite or the disk too small, and a failed save removes what it
 
 No rank reads the whole checkpoint for its checksums: a save's manifest is merged from each rank's
 checksums of the files it wrote, and a load splits the files among the ranks by bytes.
+
+With ``checkpoint.async_save`` the write and its completion run in the background (``background``); a
+save is marked latest only once written and verified on every rank, and the fault hooks of a save
+(``anneal.faults``) then fire on its background thread.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -28,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from anneal.checkpoint import files, guards
+from anneal.checkpoint.background import SINGLE_PROCESS_WARNING, Background, Job
 from anneal.checkpoint.safe_reader import SafeFileSystemReader
 from anneal.config.runtime import CheckpointConfig
 from anneal.context import DistContext, TrainState
@@ -41,7 +49,7 @@ log = logging.getLogger(__name__)
 def _quiet(fn, *args, **kwargs):
     """Call DCP without its per-call warning that a single process "assumes the intent" (it is the intent)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         return fn(*args, **kwargs)
 
 
@@ -108,6 +116,9 @@ class Checkpointer:
         self.report = report  # where rank 0 prints the resume table
         self.save_dir = Path(cfg.save) if cfg.save else None
         self._last_saved: int | None = None
+        self._background: Background | None = None  # built at the first save in the background
+        self._in_flight: Job | None = None  # the save in the background, until ``wait`` collects it
+        self.end_note = ""  # what ``finish`` waited for, for the final line
         self._crash_in_save = fault_iteration("crash_in_save", ctx.rank)
         self._pause_in_save = fault_iteration("pause_in_save", ctx.rank)
         self._enospc_in_save = fault_iteration("enospc_in_save", ctx.rank)
@@ -135,25 +146,67 @@ class Checkpointer:
 
         Nothing is written (and nothing removed) when the state is not finite on some rank or the
         disk is too small; a save that fails midway leaves no partial directory. Both raise
-        RunError on every rank, naming the checkpoint that is still the latest.
+        RunError on every rank, naming the checkpoint that is still the latest. With
+        ``checkpoint.async_save`` this returns once the state is staged, after the previous save
+        completed (``wait``); the write, its verification and the tracker follow in the background.
         """
+        self.wait()  # at most one save in flight: the previous one completes (or raises) first
         it = state.iteration
         if self._nonfinite_in_save == it:
             _poison(self.model)  # test hook: a diverged rank
         tensors, plain = split_tensors(self._state_dict())
         self._check_finite(tensors, it)
-        part, final = files.partial_dir(self.save_dir, it), files.iter_dir(self.save_dir, it)
-        settle = partial(self._settle, it=it, part=part)
-        settle(self._on_main(lambda: self._prepare(part, tensors, it), it))
-        error, parts = self._write_and_checksum(tensors, part, it)
-        settle(error)
-        settle(self._on_main(lambda: self._finish(state, plain, part, final, parts), it), final=final)
-        self._barrier()  # every rank has finished a complete save: only now may older checkpoints go
-        if self.ctx.is_main and self.cfg.most_recent_k:
-            files.prune(self.save_dir, self.cfg.most_recent_k, final)
+        job = Job(it, files.partial_dir(self.save_dir, it), files.iter_dir(self.save_dir, it),
+                  meta=self._meta(state, plain))
+        self._settle(self._on_main(lambda: self._prepare(job.part, tensors, it), it), job.part)
         self._last_saved = it
-        log.info("saved checkpoint %s", final)
-        return final
+        if self.cfg.async_save:
+            self._in_flight = self._start_background(job, tensors)
+            return job.final
+        error = self._complete(job, lambda: self._write_tensors(tensors, job.part, it), group=None)
+        if error:
+            raise RunError(f"{error}; {guards.latest_phrase(self.save_dir)}")
+        return job.final
+
+    def wait(self) -> float | None:
+        """Block until the save in flight is complete on every rank and latest; the seconds waited (None when
+        no save was in flight). A failed save raises RunError here, on every rank (they agreed on it)."""
+        job = self._in_flight
+        if job is None:
+            return None
+        start = time.perf_counter()
+        error = job.future.result()
+        self._in_flight = None  # only now: a second Ctrl-C meanwhile abandons it (``abandon``)
+        if error:
+            raise RunError(f"{error}; {guards.latest_phrase(self.save_dir)}")
+        return time.perf_counter() - start
+
+    def finish(self, state: TrainState) -> None:
+        """The run's last save, at the end or after a stop: the save in flight completes first (``end_note``
+        says how long that took), then ``state`` is saved; both are latest before this returns."""
+        in_flight = self._in_flight.iteration if self._in_flight is not None else None
+        waited_s = self.wait()
+        if in_flight is not None:
+            self.end_note = f"waited {waited_s:.1f} s for the save of iteration {in_flight} in flight"
+        self.maybe_save(state, force=True)
+        self.wait()
+
+    def abandon(self, *, wait: bool = True) -> str:
+        """After an error (or a second Ctrl-C, ``wait=False``): the save in flight is never marked latest unless
+        rank 0 already did; with ``wait``, its thread ends first (before the process group goes). Returns a
+        line saying which, or "" when no save was in flight."""
+        job = self._in_flight
+        if job is None:
+            return ""
+        with job.lock:  # rank 0 either marked it latest already, or never will
+            job.abandoned = True
+        if not wait:
+            return f"the save of iteration {job.iteration} in flight is abandoned (never marked latest)"
+        self._in_flight = None
+        if not job.future.result():
+            return f"checkpoint: the save of iteration {job.iteration} in flight had completed: {job.final}"
+        return (f"checkpoint: abandoned the save of iteration {job.iteration} in flight: never marked latest, its "
+                f"partial directory removed; {guards.latest_phrase(self.save_dir)}")
 
     def _check_finite(self, tensors: Any, it: int) -> None:
         """Every rank checks its own state; one all_reduce agrees (this runs only at save steps)."""
@@ -175,59 +228,99 @@ class Checkpointer:
         part.mkdir(parents=True)
         return ""
 
-    def _write_and_checksum(self, tensors: Any, part: Path, it: int) -> tuple[str, list[dict]]:
-        """Every rank writes its tensors and checksums the files it wrote (one all_gather): every rank gets
-        the first error of any rank ("" when none) and each rank's checksums, in rank order."""
+    def _start_background(self, job: Job, tensors: Any) -> Job:
+        """Stage ``tensors`` and leave the write and its completion (``_complete``) to the background."""
+        if self._background is None:
+            self._background = Background(self.ctx)  # every rank saves at the same iteration: a collective
+        # One writer thread, the save's own: a failed write (a full disk) raises there, into the future.
+        writer = _OwnFilesWriter(str(job.part), thread_count=1)
+        upload = self._background.write(tensors, writer)
+        written = partial(self._written, upload, writer, job.part, job.iteration)
+        complete = partial(self._complete, job, written, self._background.group)
+        job.future = self._background.executor.submit(_attempt, complete, job.iteration, self.save_dir)
+        return job
+
+    def _complete(self, job: Job, write: Callable[[], list[str]], group: Any) -> str:
+        """Every rank writes (``write`` returns the names of its files) and checksums its files; one all_gather
+        agrees on errors and checksums; rank 0 marks the checkpoint latest; one broadcast agrees on that. Rank 0
+        then prunes, or removes what a failed save wrote. Returns the error line of every rank ("" when saved).
+
+        ``group``: the background's own (``Background.group``), or None: the default one, on the main thread.
+        """
         sums: dict[str, dict] = {}
-
-        def step() -> None:
-            sums.update(files.checksums(part, self._write_tensors(tensors, part, it)))
-
-        gathered = self._all_gather((_attempt(step, it, self.save_dir), sums))
-        return next((error for error, _ in gathered if error), ""), [part_sums for _, part_sums in gathered]
+        error = _attempt(lambda: sums.update(files.checksums(job.part, write())), job.iteration, self.save_dir)
+        gathered = self._all_gather((error, sums), group)
+        error = next((e for e, _ in gathered if e), "")
+        if self.ctx.is_main and not error:
+            error = self._mark_latest(job, [part_sums for _, part_sums in gathered])
+        error = self._broadcast(error, group)  # every rank has written; rank 0 has marked it latest, or not
+        if self.ctx.is_main and error:
+            files.discard_save(self.save_dir, job.part, job.final)
+        elif self.ctx.is_main and self.cfg.most_recent_k:
+            files.prune(self.save_dir, self.cfg.most_recent_k, job.final)
+        if not error:
+            log.info("saved checkpoint %s", job.final)
+        return error
 
     def _write_tensors(self, tensors: Any, part: Path, it: int) -> list[str]:
-        """Write this rank's tensors; return the names of the files it wrote."""
+        """Write this rank's tensors (in this thread); return the names of the files it wrote."""
         # Two writer threads; DCP fsyncs every file, so a checkpoint marked latest survives a node crash.
         writer = _OwnFilesWriter(str(part), thread_count=2)
         with guards.writer_thread_errors() as thread_errors:
             _quiet(dcp.save, tensors, storage_writer=writer)
         if thread_errors:
             raise thread_errors[0]
+        self._fault_hooks(part, it)
+        return writer.own_files(part)
+
+    def _written(self, upload: Future, writer: _OwnFilesWriter, part: Path, it: int) -> list[str]:
+        """On the background thread: wait for DCP's write of this rank's tensors; the names of its files."""
+        upload.result()  # raises what the write raised
+        self._fault_hooks(part, it)
+        return writer.own_files(part)
+
+    def _fault_hooks(self, part: Path, it: int) -> None:
         if self._crash_in_save == it:
             kill_self()  # test hook: die with the checkpoint half written
         if self._pause_in_save == it:
             pause()  # test hook: a slow save, to be interrupted
         if self._enospc_in_save == it:
             raise no_space(part)  # test hook: the disk fills up mid-save
-        return writer.own_files(part)
 
-    def _finish(self, state: TrainState, plain: Any, part: Path, final: Path, parts: list[dict]) -> str:
+    def _meta(self, state: TrainState, plain: Any) -> str:
+        """``state.json``'s text, taken as the save starts."""
         meta = {"train": asdict(state), "scheduler": self.scheduler.state_dict(), "plain": plain,
                 "world_size": self.ctx.world_size, "layout": self.ctx.parallel.describe(),
                 "engine": files.engine_of(self.optimizer.backend), "optimizer_backend": self.optimizer.backend,
                 "lineage": self.lineage}  # the param-group bounds are the scheduler's state, saved there
-        (part / files.STATE).write_text(json.dumps(meta, indent=1))
-        (part / "config.yaml").write_text(self.config_yaml)
-        files.write_manifest(part, parts)  # rank 0 checksums only its JSON files here
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(part, final)
-        files.write_atomic(self.save_dir / files.TRACKER, f"{state.iteration}\n")
-        return ""
+        return json.dumps(meta, indent=1)
+
+    def _mark_latest(self, job: Job, parts: list[dict]) -> str:
+        """Rank 0, once every rank wrote: unless abandoned, complete the checkpoint and move the tracker to it;
+        the error line, or ""."""
+        with job.lock:
+            if job.abandoned:
+                return f"the save of iteration {job.iteration} was abandoned"
+            return _attempt(lambda: self._finish(job, parts), job.iteration, self.save_dir)
+
+    def _finish(self, job: Job, parts: list[dict]) -> None:
+        (job.part / files.STATE).write_text(job.meta)
+        (job.part / "config.yaml").write_text(self.config_yaml)
+        files.write_manifest(job.part, parts)  # rank 0 checksums only its JSON files here
+        shutil.rmtree(job.final, ignore_errors=True)
+        os.replace(job.part, job.final)
+        files.write_atomic(self.save_dir / files.TRACKER, f"{job.iteration}\n")
 
     def _on_main(self, step, it: int) -> str:
         """Run ``step`` on rank 0; every rank gets its error line ("" when it succeeded)."""
         return self._broadcast(_attempt(step, it, self.save_dir) if self.ctx.is_main else "")
 
-    def _settle(self, error: str, it: int, part: Path, final: Path | None = None) -> None:
-        """After a failed step: remove what this save wrote (never the latest), then raise on every rank.
-
-        ``final`` is given once the finished checkpoint may have been renamed into place.
-        """
+    def _settle(self, error: str, part: Path) -> None:
+        """After a failed preparation: remove the partial directory, then raise on every rank."""
         if not error:
             return
         if self.ctx.is_main:
-            files.discard_save(self.save_dir, part, final)
+            files.discard_save(self.save_dir, part)
         raise RunError(f"{error}; {guards.latest_phrase(self.save_dir)}")
 
     def _state_dict(self) -> dict[str, Any]:
@@ -328,27 +421,24 @@ class Checkpointer:
         if "cuda" in state and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.ctx.device)
 
-    def _barrier(self) -> None:
-        if self.ctx.backend is not None:
-            dist.barrier()
-
-    def _broadcast(self, text: str) -> str:
+    def _broadcast(self, text: str, group: Any = None) -> str:
+        """Rank 0's ``text`` on every rank (``group``: None for the default one)."""
         if self.ctx.backend is None:
             return text
         box = [text]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
 
     def _gathered(self, text: str) -> str:
         """The first non-empty ``text`` of any rank (all ranks get the same)."""
         return next((t for t in self._all_gather(text) if t), "")
 
-    def _all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order."""
+    def _all_gather(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every rank's ``obj``, in rank order (``group``: None for the default one)."""
         if self.ctx.backend is None:
             return [obj]
         gathered: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=group)
         return gathered
 
     def _count(self, flag: bool) -> int:

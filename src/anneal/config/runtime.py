@@ -20,6 +20,9 @@ class CheckpointConfig:
     load: str | None = None  # a checkpoint directory, or a save directory (its latest checkpoint)
     save_interval: int | None = None  # iterations; None saves only at the end and on SIGTERM
     most_recent_k: int | None = None  # keep the last K checkpoints; None keeps all
+    # Write in the background (Megatron-Bridge's name): the loop blocks only while the state is copied; a save
+    # becomes latest once written and verified on every rank (README: Checkpoints and exact resume).
+    async_save: bool = False
     load_optim: bool = True  # restore the optimizer state on load
     load_rng: bool = True  # restore every rank's RNG state on load
     finetune: bool = False  # load weights only; iteration and scheduler start from zero

@@ -80,7 +80,8 @@ def init_distributed(cfg: DistributedConfig, layout: ParallelDims) -> DistContex
     _joined = True
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
-    return DistContext(rank, world_size, local_rank, device, backend, with_mesh(layout, device.type))
+    return DistContext(rank, world_size, local_rank, device, backend, with_mesh(layout, device.type),
+                       timeout_s=timeout.total_seconds())
 
 
 def joined_a_group() -> bool:

@@ -74,6 +74,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
     except RuntimeError as error:  # a collective that timed out becomes one line naming the stage
         raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
     finally:
+        _abandon_in_flight(stage.checkpointer)
         if lock is not None:
             lock.release()
         shutdown(ctx)
@@ -234,16 +235,27 @@ def _already_complete(iteration: int, train_iters: int) -> str:
 
 def _final_line(trainer: Trainer, stop: StopSignals, checkpointer: Checkpointer, metrics: MetricsLogger) -> str:
     it = trainer.state.iteration
+    waited = f" ({checkpointer.end_note})" if checkpointer.end_note else ""  # checkpoint.async_save
     if stop.signum is None:
-        return f"done: {it} iterations, metrics in {metrics.path}"
+        return f"done: {it} iterations, metrics in {metrics.path}{waited}"
     latest = checkpointer.latest()
-    saved = f"checkpoint {latest}" if latest is not None else "nothing saved (no checkpoint.save)"
+    saved = f"checkpoint {latest}{waited}" if latest is not None else "nothing saved (no checkpoint.save)"
     return f"{stop.name}: stopped cleanly after iteration {it}; {saved}; exit code {stop.exit_code}"
 
 
+def _abandon_in_flight(checkpointer: Checkpointer | None) -> None:
+    """After an error (a finished run has none in flight): the save in flight, if any, is never marked latest,
+    and its thread ends before the process group goes; one line says which."""
+    note = checkpointer.abandon() if checkpointer is not None else ""
+    if note:
+        _say(note)
+
+
 def _abort_line(trainer: Trainer, checkpointer: Checkpointer) -> str:
+    abandoned = checkpointer.abandon(wait=False)  # the process leaves at once: no thread to wait for
     latest = checkpointer.latest()
     return (f"Ctrl-C again: aborted at iteration {trainer.state.iteration} without saving; "
+            + (f"{abandoned}; " if abandoned else "")
             + (f"the latest checkpoint is {latest}" if latest is not None else "no checkpoint was saved"))
 
 

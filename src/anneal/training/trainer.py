@@ -42,6 +42,8 @@ class Checkpointer(Protocol):
 
     def maybe_save(self, state: TrainState, *, force: bool = False) -> None: ...
 
+    def finish(self, state: TrainState) -> None: ...  # the last save, complete (async_save: waited for)
+
     def latest(self) -> Path | None: ...  # the newest complete checkpoint
 
 
@@ -88,7 +90,7 @@ class Trainer:
         self._loop()
         self._check_finite()
         if self.p.checkpointer is not None:
-            self.p.checkpointer.maybe_save(self.state, force=True)
+            self.p.checkpointer.finish(self.state)
         return self.state
 
     def _loop(self) -> None:
