@@ -100,3 +100,21 @@ def checkpoint_figures(repeats: int) -> dict[str, Stat]:
             "checkpoint_save_vs_torch_save_fsync": ratios(runs["anneal_save"], runs["torch_save_fsync"]),
             "checkpoint_load_s": Stat.of(runs["anneal_load"], "s"),
             "checkpoint_load_vs_torch_load": ratios(runs["anneal_load"], runs["torch_load"])}
+
+
+def checksum_figures(repeats: int, size_bytes: int = 256 << 20) -> dict[str, Stat]:
+    """CRC32 throughput of one rank over a file it just wrote (in the page cache, as a save's files are)."""
+    from anneal.checkpoint import files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "__0_0.distcp"
+        path.write_bytes(os.urandom(size_bytes))
+        files.checksums(path.parent, [path.name])  # warm-up: the file is read once before timing
+
+        def gib_per_s() -> float:
+            start = time.perf_counter()
+            files.checksums(path.parent, [path.name])
+            return size_bytes / 2**30 / (time.perf_counter() - start)
+
+        rates = [gib_per_s() for _ in range(repeats)]
+    return {"checksum_gib_per_s_per_rank": Stat.of(rates, "GiB/s")}
