@@ -11,7 +11,8 @@ import pytest
 
 from anneal.config.runtime import LoggerConfig
 from anneal.errors import ConfigError
-from anneal.training.metrics import LogFormatter, MetricsLogger, Progress, format_duration, wandb_mode
+from anneal.log_format import LogFormatter
+from anneal.training.metrics import MetricsLogger, Progress, format_duration, wandb_mode
 from anneal_testing import wandb_history
 
 

@@ -1,7 +1,8 @@
 """Metrics every ``logger.log_interval``: JSON lines, TensorBoard, W&B and the console, on rank 0 only.
 
 Console lines go through :mod:`logging`, so Hydra's job logging writes the same lines, in the same
-``LogFormatter`` format (set in ``conf/config.yaml``), to ``<run dir>/pretrain.log``.
+``anneal.log_format.LogFormatter`` format (``conf/hydra/job_logging/anneal.yaml``), to
+``<run dir>/pretrain.log``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import math
 import os
 import re
 import resource
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 
 from anneal.config.runtime import LoggerConfig
 from anneal.errors import ConfigError
+from anneal.log_format import console_logging
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +60,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class LogFormatter(logging.Formatter):
-    """anneal's one line format: ``[2026-01-31 12:00:00] message``; levels other than INFO are named."""
-
-    def __init__(self) -> None:
-        super().__init__("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        if record.levelno == logging.INFO:
-            return line
-        stamp, _, message = line.partition("] ")
-        return f"{stamp}] {record.levelname}: {message}"
-
-
-def console_logging() -> None:
-    """Under Hydra, its job logging is already set up; a Python caller gets the same format on stdout."""
-    if logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(LogFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def format_duration(seconds: float) -> str:
