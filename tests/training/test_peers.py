@@ -12,7 +12,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from anneal.training.peers import PeerMonitor, intervals, is_lost_peer, transport_cause
+from anneal.training.peers import SILENT_BEATS, PeerMonitor, intervals, is_lost_peer, transport_cause
 
 TIMEOUT_S = 2.0  # a beat every 0.2 s (the shortest), a stall named after 1.8 s
 INTERVAL_S, DEADLINE_S = intervals(TIMEOUT_S)
@@ -104,7 +104,7 @@ class CountingStore(dist.Store):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner, self.sets = dist.HashStore(), 0
+        self.inner, self.sets, self.multi_gets = dist.HashStore(), 0, 0
 
     def set(self, key, value):
         self.sets += 1
@@ -115,6 +115,10 @@ class CountingStore(dist.Store):
 
     def check(self, keys):
         return self.inner.check(keys)
+
+    def multi_get(self, keys):
+        self.multi_gets += 1
+        return self.inner.multi_get(keys)
 
 
 def test_heartbeats_are_written_by_time_not_by_iteration() -> None:
@@ -139,3 +143,15 @@ def test_transport_errors_of_a_lost_peer_are_recognised(text: str) -> None:
     assert is_lost_peer(RuntimeError(text))
     assert not is_lost_peer(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "pair.cc" not in transport_cause(RuntimeError(text + ". This is typically caused by a remote worker"))
+
+
+def test_a_stuck_rank_reads_every_peer_in_one_request_per_beat() -> None:
+    """When a job stalls every rank is stuck and reads: one request per beat each, not one per peer."""
+    store = CountingStore()
+    waiting, peer = Rank(store, 0, 2), Rank(store, 1, 2)
+    with peer.monitor:
+        time.sleep(2 * INTERVAL_S)
+    with waiting.monitor:
+        assert waiting.called.wait(TIMEOUT_S + 1)
+    beats = 1 + round(DEADLINE_S / INTERVAL_S)  # the stall is named at the deadline's beat
+    assert 1 <= store.multi_gets <= SILENT_BEATS + 3 < beats, store.multi_gets  # only near the deadline

@@ -121,7 +121,10 @@ class PeerMonitor:
 
     def _read_peers(self, now: float) -> None:
         keys = [_key(r) for r in range(self.world_size)]
-        values = [self._store.get(k).decode() if self._store.check([k]) else "" for k in keys]
+        if self._store.check(keys):  # one request for every rank's beat: a stuck job's ranks all read at once
+            values = [value.decode() for value in self._store.multi_get(keys)]
+        else:  # a rank that never beat (gone before its first): a get would wait for its key
+            values = [self._store.get(k).decode() if self._store.check([k]) else "" for k in keys]
         with self._lock:
             if self._watch_from is None:
                 self._watch_from = now
