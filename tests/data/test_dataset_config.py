@@ -10,7 +10,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from anneal.config.dataset import DatasetConfig, check_anneal_blend, parse_blend, split_weights
+from anneal.config.dataset import DatasetConfig, check_anneal_blend
+from anneal.data.spec import blend_of, parse_blend, split_weights
 from anneal.errors import ConfigError
 
 CONF_DIR = Path(__file__).parents[2] / "conf" / "dataset"
@@ -60,14 +61,14 @@ def test_validation_messages_name_the_field(overrides: dict, message: str) -> No
 def test_blends_parse_like_megatron() -> None:
     cfg = DatasetConfig(kind="indexed", data_path=[3, "/d/web", "1", "/d/code"], anneal_data_path=["/d/hq"])
     cfg.validate()
-    web_code = cfg.blend("data_path")
+    web_code = blend_of(cfg, "data_path")
     assert web_code.prefixes == ("/d/web", "/d/code") and web_code.weights == (0.75, 0.25)
     assert web_code.prefix_field(1) == "dataset.data_path[3]"
-    assert cfg.blend("anneal_data_path").weights is None and cfg.blend("test_data_path") is None
+    assert blend_of(cfg, "anneal_data_path").weights is None and blend_of(cfg, "test_data_path") is None
     assert cfg.uses_split
     per_split = DatasetConfig(kind="indexed", train_data_path=[0.5, "a", 0.5, "b"], valid_data_path=["c"])
     per_split.validate()
-    assert not per_split.uses_split and per_split.blend("train_data_path").weights == (0.5, 0.5)
+    assert not per_split.uses_split and blend_of(per_split, "train_data_path").weights == (0.5, 0.5)
     assert parse_blend("dataset.data_path", ["only"]).prefix_field(0) == "dataset.data_path[0]"
 
 
@@ -88,7 +89,7 @@ def test_defaults_validate_and_split_parses_megatron_weights() -> None:
 
 
 def test_config_module_imports_neither_numpy_nor_torch() -> None:
-    code = ("import sys, anneal.config.dataset, anneal.data, anneal.data.tokenizer; "
+    code = ("import sys, anneal.config.dataset, anneal.data, anneal.data.spec, anneal.data.tokenizer; "
             "heavy = {'numpy', 'torch', 'tokenizers'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from anneal.config.dataset import DatasetConfig
-from anneal.data import datasets
-from anneal.data.datasets import TokenStream, build_datasets, split_bounds, stdlib_sources, stdlib_tokens
+from anneal.data import windows
+from anneal.data.builtin import stdlib_sources, stdlib_tokens
+from anneal.data.datasets import build_datasets
+from anneal.data.windows import TokenStream, split_bounds
 from anneal.data.indexed import IndexedDatasetWriter
 from anneal.errors import ConfigError
 
@@ -96,7 +98,7 @@ def test_vocab_too_small_for_the_data_names_model_vocab_size(tmp_path: Path) -> 
 
 
 def test_tokens_past_the_build_scan_are_caught_when_read(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(datasets, "_VOCAB_SCAN_TOKENS", 10)  # stands in for a prefix too big to scan
+    monkeypatch.setattr(windows, "_VOCAB_SCAN_TOKENS", 10)  # stands in for a prefix too big to scan
     cfg = _indexed(tmp_path, [[[1, 2, 3] * 5 + [900] + [1, 2, 3] * 15]], vocab_size=1000, split="1,0,0")
     train, _ = build_datasets(cfg, seq_length=SEQ, vocab_size=500)
     with pytest.raises(ConfigError, match=r"^model.vocab_size \(500\) .*\(900, from the train split\)"):

@@ -8,9 +8,9 @@ import numpy as np
 from anneal_testing import run_cli
 from data_testing import write_sources
 
+from anneal.data.blend import anneal_start_sample
 from anneal.data.datasets import build_datasets
 from anneal.data.mix import mix_table, phase_spans, source_rows
-from anneal.data.sources import anneal_start_sample
 
 RUN = ["scheduler=wsd", "train.train_iters=100", "train.global_batch_size=16", "scheduler.lr_warmup_iters=10",
        "scheduler.lr_wsd_decay_iters=30", "model.seq_length=16"]

@@ -72,6 +72,27 @@ def _exact(samples: float) -> str:
 
 
 
+def validation_lines(cfg: ConfigContainer) -> list[str]:
+    """The tokens each evaluation reads: ``train.eval_iters`` global batches of every validation set (the main
+    split, then ``dataset.extra_valid_data_path``'s sets). Evaluation k, at iteration k × eval_interval, reads
+    each set's samples [(k - 1) · eval_iters · gbs, k · eval_iters · gbs), into reshuffled epochs when the set
+    is shorter (Megatron's validation iterator); the end of training adds one more."""
+    from anneal.data.spec import valid_keys
+
+    t, seq = cfg.train, cfg.model.seq_length
+    if not t.eval_interval or not t.eval_iters:
+        return ["validation: off (train.eval_interval is null or train.eval_iters is 0)"]
+    sets = valid_keys(cfg.dataset)
+    per_set = t.eval_iters * t.global_batch_size * seq
+    keys = ", ".join(key for key, _ in sets)
+    lines = [f"validation: {t.eval_iters} iterations × {t.global_batch_size} samples × {seq} tokens = "
+             f"{human(per_set)} tokens per set, {len(sets)} set(s) ({keys}) every {t.eval_interval} "
+             f"iterations and after the last; {human(per_set * len(sets))} tokens per evaluation, each reading "
+             "the next samples of its set"]
+    lines += [f"  {key} also per blend component: {', '.join(parts)}" for key, parts in sets if parts]
+    return lines
+
+
 def world_sizes(cfg: ConfigContainer) -> tuple[int, ...]:
     """``plan.world_size``, else ``WORLD_SIZE`` when set (as under torchrun), else the ranks of 1, 8 and 64
     shards of the layout."""
@@ -105,7 +126,7 @@ def report_parts(cfg: ConfigContainer, derived: Derived):
     yield "\n".join(["# derived", *notes, schedule_table(cfg, runs)])
     from anneal.data.mix import mix_table  # imports numpy, not torch
 
-    yield "\n".join(["# data", mix_table(cfg.dataset, runs, cfg.model.seq_length)])
+    yield "\n".join(["# data", mix_table(cfg.dataset, runs, cfg.model.seq_length), *validation_lines(cfg)])
     from anneal.plan_report import plan_table
     from anneal.planner import plan
 

@@ -40,6 +40,13 @@ def _fits(value: Any, hint: Any, path: str) -> bool:
         for i, item in enumerate(value):
             _check(item, args[0], f"{path}[{i}]")
         return True
+    if origin is dict:  # a mapping of names (dataset.extra_valid_data_path): keys, then each value by name
+        if not isinstance(value, dict):
+            return False
+        for key, item in value.items():
+            _check(key, args[0], f"{path} key {key!r}")
+            _check(item, args[1], f"{path}.{key}")
+        return True
     if is_dataclass(hint):
         if not isinstance(value, hint):
             return False
@@ -59,6 +66,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"a list of {_plural(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
     if is_dataclass(hint):
         return f"a {hint.__name__} mapping"
     return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
@@ -71,4 +80,6 @@ def _plural(hint: Any) -> str:
         return " or ".join(parts) + (" or nulls" if type(None) in typing.get_args(hint) else "")
     if hint is bool:
         return "true or false values"
+    if typing.get_origin(hint) is list:
+        return f"lists of {_plural(typing.get_args(hint)[0])}"
     return _describe(hint).removeprefix("a ").removeprefix("an ") + "s"

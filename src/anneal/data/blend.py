@@ -143,3 +143,11 @@ class Phased:
 
     def __getitem__(self, sample: int) -> np.ndarray:
         return self.gather([sample])[0]
+
+
+def anneal_start_sample(schedule) -> int | None:
+    """Where ``Phased`` switches to the anneal blend: the first sample of the WSD anneal of Megatron's
+    ``Schedule``; None for any other schedule."""
+    if getattr(schedule, "lr_decay_style", None) != "WSD":
+        return None
+    return int(schedule.lr_decay_steps - schedule.wsd_decay_steps)

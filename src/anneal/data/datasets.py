@@ -1,277 +1,98 @@
-"""GPT-style training data: fixed windows of ``seq_length + 1`` tokens over one token stream.
+"""The run's data from its ``dataset.`` section: ``build_data`` is the one entry point.
 
-Documents (each ending in an end-of-document token) are concatenated into one stream; the stream is cut
-by the ``dataset.split`` weights into contiguous train / valid / test token ranges, and each range into
-windows ``[w * seq_length, w * seq_length + seq_length + 1)`` (inputs plus the labels shifted by one; a
-window's last token is the next window's first, as in Megatron's GPTDataset).
+It returns the training samples, every validation set (the main split, then the held-out sets of
+``dataset.extra_valid_data_path``) with the metric keys its loss is logged under, and the data's
+end-of-document id, which the document-boundary fields (``dataset.reset_position_ids``,
+``reset_attention_mask``, ``eod_mask_loss``) need. Each dataset has ``gather(samples)`` ->
+``[n, seq_length + 1]`` int64 tokens, ``seq_length`` and ``len()`` (the windows of one pass); a sample is
+a pure function of ``dataset.seed`` and its index (``anneal.data.windows``).
 
-Sample ``i`` of a split is window ``perm_e[i % n]`` with ``e = i // n`` the epoch and ``perm_e`` a
-permutation of the ``n`` windows seeded by ``(dataset.seed, split, e)``. So a sample is a pure function of
-the seed and its index: it does not depend on the world size, and a run resumed at ``consumed_samples``
-sees exactly the samples an uninterrupted run would. Indexed data (one stream per blend source, weighted
-blends, the anneal blend) is built by ``anneal.data.sources`` from these windows.
+Below it: ``anneal.data.builtin`` builds the ``stdlib`` and ``mock`` kinds, ``anneal.data.sources`` the
+``indexed`` one, both on ``anneal.data.windows``; ``anneal.data.spec`` says what the section's values mean.
 """
 
 from __future__ import annotations
 
-import os
-import sysconfig
-from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from anneal.config.dataset import BYTE_EOD, DatasetConfig, split_weights
-from anneal.data.indexed import IndexedDataset, IndexHeader, read_header
+from anneal.data import spec
+from anneal.data.blend import anneal_start_sample
+from anneal.data.builtin import build_builtin
+from anneal.data.sources import build_indexed
+from anneal.data.windows import no_windows
 from anneal.errors import ConfigError
 
-SPLIT_NAMES = ("train", "valid", "test")
-_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-_MOCK_MAX_DOCUMENT_LENGTH = 4096  # Megatron's MockGPTLowLevelDataset.max_sequence_length
-_VOCAB_SCAN_TOKENS = 1 << 27  # per indexed prefix at build; every batch is checked again when read
+
+@dataclass(frozen=True)
+class ValidSet:
+    """One validation set: its metric key, its samples and, for a weighted blend, its components' keys."""
+
+    key: str  # "valid_loss" for the main split, "valid_loss/<name>" for a held-out set
+    data: Any  # gather(samples) / seq_length / len(), as the training data
+    components: tuple[str, ...] = ()  # metric keys of a weighted blend's sources; () for one source
+
+    def component_of(self, samples: np.ndarray) -> np.ndarray:
+        """The index into ``components`` of the source each sample reads (int64)."""
+        if not self.components:
+            raise ValueError(f"{self.key} is one source: it has no components")
+        return self.data.index.lookup(samples)[0]
 
 
-class TokenStream:
-    """Several token arrays (in memory or memory-mapped) read as one."""
+@dataclass(frozen=True)
+class RunData:
+    """Everything a run reads: built once, before the model, by ``build_data``."""
 
-    def __init__(self, parts: Sequence[np.ndarray]) -> None:
-        self.parts = [part for part in parts if len(part)]
-        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` in the parts' dtype: a view unless it crosses parts."""
-        if start < 0 or start + length > len(self):
-            raise IndexError(f"tokens [{start}, {start + length}) out of range for a stream of {len(self)}")
-        part = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pieces = []
-        while length > 0:
-            offset = start - int(self.starts[part])
-            piece = self.parts[part][offset:offset + length]
-            pieces.append(piece)
-            start, length, part = start + len(piece), length - len(piece), part + 1
-        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    train: Any  # gather(samples) -> [n, seq_length + 1] int64 tokens; .seq_length
+    valid: list[ValidSet]  # the main validation set first (when it has data), then the held-out sets
+    eod: int | None  # the data's end-of-document id; None when unknown
 
 
-class TokenWindows:
-    """The windows of one split; ``gather(samples)`` returns ``[len(samples), seq_length + 1]`` int64 tokens.
+def build_data(cfg, *, seq_length: int, vocab_size: int, schedule) -> RunData:
+    """The data of the dataset section ``cfg`` for a model of ``seq_length`` and ``vocab_size``.
 
-    Sample indices run past ``len(self)`` (the windows per epoch) into later, reshuffled epochs.
+    ``schedule``: the derived scheduler schedule; a WSD one sets where ``dataset.anneal_data_path`` takes
+    over. ConfigError if ``cfg`` is invalid, its tokens do not fit ``vocab_size`` or are too few for a window,
+    or a document-boundary field is set without a known end-of-document id.
     """
-
-    def __init__(self, stream: TokenStream, *, start: int, stop: int, seq_length: int, seed: int,
-                 split: int, vocab_size: int, eod: int | None, salt: tuple[int, ...] = ()) -> None:
-        self.stream = stream
-        self.start = start
-        self.num_tokens = stop - start
-        self.seq_length = seq_length
-        self.seed = seed
-        self.split = split
-        self.vocab_size = vocab_size
-        self.eod = eod
-        self.salt = salt  # tells apart the sources of a blend, which share seed and split
-        self.num_windows = windows_in(self.num_tokens, seq_length)
-        self._permutations: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.num_windows
-
-    def __repr__(self) -> str:
-        return (f"TokenWindows({SPLIT_NAMES[self.split]}: {self.num_windows} windows of "
-                f"{self.seq_length} + 1 tokens over {self.num_tokens} tokens, seed {self.seed})")
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The window order of ``epoch`` (the last two are cached)."""
-        if epoch not in self._permutations:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.split, epoch, *self.salt]))
-            if len(self._permutations) >= 2:
-                self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = rng.permutation(self.num_windows)
-        return self._permutations[epoch]
-
-    def windows(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The window index each sample reads."""
-        samples = np.asarray(samples, dtype=np.int64)
-        if self.num_windows == 0:
-            raise IndexError(f"the {SPLIT_NAMES[self.split]} split has no windows")
-        if samples.size and samples.min() < 0:
-            raise IndexError(f"sample indices must be >= 0 (got {samples.min()})")
-        epochs, positions = np.divmod(samples, self.num_windows)
-        out = np.empty_like(samples)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            out[mask] = self.permutation(int(epoch))[positions[mask]]
-        return out
-
-    def gather(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Tokens of ``samples``: ``[len(samples), seq_length + 1]`` int64."""
-        starts = self.start + self.windows(samples) * self.seq_length
-        width = self.seq_length + 1
-        batch = np.empty((len(starts), width), dtype=np.int64)
-        for row, start in enumerate(starts):
-            batch[row] = self.stream.read(int(start), width)  # the one copy, cast to int64
-        if batch.size:  # cheap insurance for data the build only sampled (large indexed prefixes)
-            source = f"the {SPLIT_NAMES[self.split]} split"
-            _check_token_range(int(batch.min()), int(batch.max()), self.vocab_size, source)
-        return batch
-
-    def __getitem__(self, sample: int) -> np.ndarray:
-        return self.gather([sample])[0]
+    eod = _checked(cfg, seq_length=seq_length, vocab_size=vocab_size)
+    train, valid, held_out = _build(cfg, seq_length, vocab_size, anneal_start_sample(schedule), eod)
+    keys = dict(spec.valid_keys(cfg))
+    sets = [ValidSet(spec.VALID_KEY, valid, keys[spec.VALID_KEY])] if spec.VALID_KEY in keys else []
+    for name, data in held_out.items():
+        key = f"{spec.VALID_KEY}/{name}"
+        sets.append(ValidSet(key, data, keys[key]))
+    return RunData(train, sets, eod)
 
 
-def build_datasets(cfg: DatasetConfig, *, seq_length: int, vocab_size: int,
-                   anneal_start: int | None = None) -> tuple[TokenWindows, TokenWindows]:
-    """The (train, valid) windows of ``cfg``; indexed data may be blends (``anneal.data.sources``).
+def build_datasets(cfg, *, seq_length: int, vocab_size: int, anneal_start: int | None = None):
+    """The (train, main validation) datasets alone, for callers that need no more (the bench, tests); the
+    validation one has no windows when the section has no validation split.
 
     ``anneal_start``: the sample where the WSD anneal starts, from which ``dataset.anneal_data_path`` is read.
-    ConfigError if ``cfg`` is invalid, its tokens do not fit ``vocab_size`` or are too few for a window.
     """
-    cfg.validate()
-    if seq_length < 1:
-        raise ConfigError(f"model.seq_length ({seq_length}) must be >= 1")
-    if cfg.kind == "indexed":
-        from anneal.data.sources import build_indexed  # which imports this module
-
-        return build_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size, anneal_start=anneal_start)
-    stream, eod, size_field = _load_stream(cfg, vocab_size)
-    bounds = split_bounds(len(stream), split_weights(cfg.split))
-    train, valid = (
-        TokenWindows(stream, start=bounds[i], stop=bounds[i + 1], seq_length=seq_length,
-                     seed=cfg.seed, split=i, vocab_size=vocab_size, eod=eod)
-        for i in (0, 1)
-    )
-    if len(train) == 0:
-        value = getattr(cfg, size_field.removeprefix("dataset."))
-        raise ConfigError(f"{size_field} ({value!r}) gives the train split {train.num_tokens} tokens, "
-                          f"fewer than one window of seq_length + 1 = {seq_length + 1}")
-    if len(valid) == 0 and split_weights(cfg.split)[1] > 0:
-        raise ConfigError(f"dataset.split ({cfg.split!r}) gives the valid split {valid.num_tokens} "
-                          f"tokens, fewer than one window of seq_length + 1 = {seq_length + 1}; raise "
-                          "its weight or set it to 0")
+    eod = _checked(cfg, seq_length=seq_length, vocab_size=vocab_size)
+    train, valid, _ = _build(cfg, seq_length, vocab_size, anneal_start, eod)
     return train, valid
 
 
-def split_bounds(num_tokens: int, weights: Sequence[float]) -> list[int]:
-    """Token offsets ``[0, end_train, end_valid, num_tokens]`` cutting the stream by ``weights``."""
-    total = float(sum(weights))
-    cumulative = np.cumsum(weights) / total
-    return [0] + [round(num_tokens * fraction) for fraction in cumulative[:-1]] + [num_tokens]
+def _checked(cfg, *, seq_length: int, vocab_size: int) -> int | None:
+    """Refuse what cannot be built, before anything is read; the data's end-of-document id."""
+    cfg.validate()
+    if seq_length < 1:
+        raise ConfigError(f"model.seq_length ({seq_length}) must be >= 1")
+    spec.check_document_fields(cfg, vocab_size)
+    return spec.known_eod(cfg, vocab_size)
 
 
-def _load_stream(cfg: DatasetConfig, vocab_size: int) -> tuple[TokenStream, int | None, str]:
-    """The token stream of ``cfg``, its end-of-document id, and the field that sets its size."""
-    if cfg.kind == "stdlib":
-        _check_token_range(0, BYTE_EOD, vocab_size, "dataset.kind 'stdlib' (byte tokens)")
-        return TokenStream([stdlib_tokens(cfg.stdlib_max_bytes)]), BYTE_EOD, "dataset.stdlib_max_bytes"
-    if cfg.kind == "mock":
-        if vocab_size < 2:
-            raise ConfigError(f"model.vocab_size ({vocab_size}) must be >= 2 for dataset.kind 'mock'")
-        tokens = mock_tokens(cfg.mock_num_tokens, vocab_size=vocab_size, seed=cfg.seed)
-        return TokenStream([tokens]), vocab_size - 1, "dataset.mock_num_tokens"
-    raise ValueError(f"dataset.kind {cfg.kind!r} is built by anneal.data.sources")
-
-
-def stdlib_sources(max_bytes: int, root: str | Path | None = None) -> list[bytes]:
-    """The standard library's ``.py`` sources in a fixed order, cut off after ``max_bytes`` in all.
-
-    Directories and files are visited in sorted order, skipping third-party (``site-packages``) and test
-    directories and empty files; the last file is truncated so the total is ``min(max_bytes, what there
-    is)``.
-    """
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    sources: list[bytes] = []
-    budget = max_bytes
-    for directory, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(name for name in dirnames if name not in _SKIPPED_DIRS)
-        for name in sorted(filenames):
-            data = (Path(directory) / name).read_bytes()[:budget] if name.endswith(".py") else b""
-            if not data:  # not Python, or an empty __init__.py: no document
-                continue
-            sources.append(data)
-            budget -= len(data)
-            if budget == 0:
-                return sources
-    return sources
-
-
-def stdlib_tokens(max_bytes: int, root: str | Path | None = None) -> np.ndarray:
-    """Byte tokens of the stdlib sources, each followed by the end-of-document token (uint16)."""
-    eod = np.array([BYTE_EOD], dtype=np.uint16)
-    pieces = []
-    for source in stdlib_sources(max_bytes, root):
-        pieces += [np.frombuffer(source, dtype=np.uint8), eod]
-    if not pieces:
-        where = root or sysconfig.get_paths()["stdlib"]
-        raise ConfigError(f"dataset.kind 'stdlib': no .py files under {where}")
-    return np.concatenate(pieces, dtype=np.uint16)
-
-
-def mock_tokens(num_tokens: int, *, vocab_size: int, seed: int) -> np.ndarray:
-    """Seeded random tokens in ``[0, vocab_size - 1)`` cut into documents of 1-4095 tokens, each ending in
-    the end-of-document id ``vocab_size - 1`` (Megatron's mock document lengths, random token ids)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6D6F636B]))  # "mock"
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    tokens = rng.integers(0, vocab_size - 1, size=num_tokens, dtype=np.int64).astype(dtype)
-    ends = _mock_document_ends(rng, num_tokens)
-    tokens[ends - 1] = vocab_size - 1
-    return tokens
-
-
-def _mock_document_ends(rng: np.random.Generator, num_tokens: int) -> np.ndarray:
-    """Document end offsets up to ``num_tokens``, drawn in blocks so memory follows the document count."""
-    blocks, total = [], 0
-    while total < num_tokens:
-        block = total + np.cumsum(rng.integers(1, _MOCK_MAX_DOCUMENT_LENGTH, size=1024))
-        blocks.append(block)
-        total = int(block[-1])
-    ends = np.concatenate(blocks)
-    return ends[ends <= num_tokens]
-
-
-def windows_in(num_tokens: int, seq_length: int) -> int:
-    """Windows of ``seq_length + 1`` tokens (sharing one token with the next) in ``num_tokens`` tokens."""
-    return max(0, (num_tokens - 1) // seq_length)
-
-
-def prefix_header(field: str, prefix: str) -> IndexHeader:
-    """The checked header of the prefix at ``field`` (its ``.idx`` and ``.bin`` exist, agree and hold integer
-    tokens), reading no data; ConfigError naming the field, the prefix and the problem."""
-    try:
-        header = read_header(prefix)
-    except ConfigError as err:
-        raise ConfigError(f"{field} ({prefix!r}): {err}") from None
-    if header.dtype.kind == "f":
-        raise ConfigError(f"{field} ({prefix!r}): {prefix}.idx stores {header.dtype} values, not integer "
-                          "token ids")
-    return header
-
-
-def open_prefix(field: str, prefix: str, vocab_size: int) -> IndexedDataset:
-    """Open the prefix at ``field`` (e.g. ``dataset.data_path[1]``) and check its tokens fit the vocab."""
-    prefix_header(field, prefix)  # the dry run's checks, then the whole index
-    try:
-        dataset = IndexedDataset(prefix)
-    except ConfigError as err:
-        raise ConfigError(f"{field} ({prefix!r}): {err}") from None
-    info = np.iinfo(dataset.dtype)
-    if info.min < 0 or info.max >= vocab_size:  # the dtype alone does not guarantee a fit: look
-        low, high = _token_extremes(dataset.tokens[:_VOCAB_SCAN_TOKENS])
-        _check_token_range(low, high, vocab_size, f"{field} ({prefix!r})")
-    return dataset
-
-
-def _token_extremes(tokens: np.ndarray, chunk: int = 1 << 24) -> tuple[int, int]:
-    if len(tokens) == 0:
-        return 0, 0
-    chunks = [tokens[i:i + chunk] for i in range(0, len(tokens), chunk)]
-    return min(int(part.min()) for part in chunks), max(int(part.max()) for part in chunks)
-
-
-def _check_token_range(low: int, high: int, vocab_size: int, source: str) -> None:
-    if high >= vocab_size:
-        raise ConfigError(f"model.vocab_size ({vocab_size}) must be > the largest token id in the data "
-                          f"({high}, from {source})")
-    if low < 0:
-        raise ConfigError(f"{source}: holds a negative token id ({low}); the data is corrupted")
+def _build(cfg, seq_length: int, vocab_size: int, anneal_start: int | None, eod: int | None):
+    """``(train, main validation, {held-out name: data})``; the main one has no windows without a split."""
+    if cfg.kind != "indexed":
+        return (*build_builtin(cfg, seq_length=seq_length, vocab_size=vocab_size), {})
+    built = build_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size, anneal_start=anneal_start,
+                          eod=eod)
+    valid = built.valid if built.valid is not None else no_windows(seq_length=seq_length, seed=cfg.seed,
+                                                                   vocab_size=vocab_size)
+    return built.train, valid, built.held_out

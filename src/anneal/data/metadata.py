@@ -84,6 +84,40 @@ def check_tokenizers(prefixes: list[tuple[str, str]], vocab_size: int) -> None:
                               "tokenizer")
 
 
+def recorded_eod(prefixes: list[tuple[str, str]]) -> int | None:
+    """The end-of-document id every prefix's sidecar records; None when a prefix records none (no sidecar:
+    Megatron's own preprocessing), since its documents' ends are then unknown. ConfigError naming the field
+    when a recorded id is not a token id, or two prefixes record different ones."""
+    if not prefixes or missing_eod(prefixes) is not None:
+        return None
+    first: tuple[str, str, int] | None = None
+    for field, prefix in prefixes:
+        eod = _eod_id(field, prefix, read_tokenizer(prefix, field))
+        if first is None:
+            first = (field, prefix, eod)
+        elif eod != first[2]:
+            raise ConfigError(f"{field} ({prefix!r}) records end-of-document id {eod}, but {first[0]} "
+                              f"({first[1]!r}) records {first[2]}; one run needs one tokenizer")
+    return first[2] if first is not None else None
+
+
+def missing_eod(prefixes: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first ``(field, prefix)`` whose sidecar records no end-of-document id (or that has no sidecar)."""
+    for field, prefix in prefixes:
+        tokenizer = read_tokenizer(prefix, field)
+        if tokenizer is None or tokenizer.get("eod_id") is None:
+            return field, prefix
+    return None
+
+
+def _eod_id(field: str, prefix: str, tokenizer: dict) -> int:
+    eod = tokenizer["eod_id"]
+    if isinstance(eod, bool) or not isinstance(eod, int) or not 0 <= eod < tokenizer["vocab_size"]:
+        raise ConfigError(f"{field} ({prefix!r}): {metadata_path(prefix)} records an eod_id of {eod!r}, "
+                          f"not a token id below its vocab_size ({tokenizer['vocab_size']})")
+    return eod
+
+
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128) -> int:
     """Megatron's padding of a tokenizer's vocabulary (with tensor parallelism 1)."""
     multiple = make_vocab_size_divisible_by

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-from anneal.config.dataset import DatasetConfig
-from anneal.data.sources import ANNEAL, MAIN, anneal_start_sample, blend_index
+from anneal.data.blend import anneal_start_sample
+from anneal.data.sources import Part, blend_index, parts
 
 
 def phase_spans(derived) -> list[tuple[str, int, int]]:
@@ -33,22 +33,22 @@ def phase_spans(derived) -> list[tuple[str, int, int]]:
     return spans
 
 
-def source_rows(cfg: DatasetConfig, spans: list[tuple[str, int, int]],
+def source_rows(cfg, spans: list[tuple[str, int, int]],
                 anneal_start: int | None) -> list[tuple[str, list[int]]]:
     """``(source, samples per span)`` for the training split."""
     if cfg.kind != "indexed":
         return [(f"dataset.kind {cfg.kind!r}", [stop - start for _, start, stop in spans])]
-    main = cfg.blend("data_path" if cfg.uses_split else "train_data_path")
-    switch = anneal_start if cfg.anneal_data_path and anneal_start is not None else None
-    rows = _rows(cfg, main, spans, MAIN, lambda n: n if switch is None else min(n, switch))
+    built = parts(cfg)
+    switch = anneal_start if "anneal" in built and anneal_start is not None else None
+    rows = _rows(cfg.seed, built["train"], spans, lambda n: n if switch is None else min(n, switch))
     if switch is not None:
-        rows += _rows(cfg, cfg.blend("anneal_data_path"), spans, ANNEAL, lambda n: max(n, switch) - switch)
+        rows += _rows(cfg.seed, built["anneal"], spans, lambda n: max(n, switch) - switch)
     return rows
 
 
-def _rows(cfg: DatasetConfig, blend, spans, phase: int, local) -> list[tuple[str, list[int]]]:
-    """Samples of each source of ``blend`` per span; ``local`` maps a run sample to the blend's index."""
-    index = blend_index(cfg, blend, split=0, phase=phase)
+def _rows(seed: int, part: Part, spans, local) -> list[tuple[str, list[int]]]:
+    """Samples of each source of ``part`` per span; ``local`` maps a run sample to the blend's index."""
+    blend, index = part.blend, blend_index(seed, part)
     counts = [index.counts_before(local(stop)) - index.counts_before(local(start))
               for _, start, stop in spans]
     if blend.weights is None:
@@ -57,7 +57,7 @@ def _rows(cfg: DatasetConfig, blend, spans, phase: int, local) -> list[tuple[str
             for k, prefix in enumerate(blend.prefixes)]
 
 
-def mix_table(cfg: DatasetConfig, derived, seq_length: int) -> str:
+def mix_table(cfg, derived, seq_length: int) -> str:
     """The table the dry run prints under ``# data``."""
     spans = phase_spans(derived)
     rows = source_rows(cfg, spans, anneal_start_sample(derived.schedule))

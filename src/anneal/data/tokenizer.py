@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from anneal.config.dataset import BYTE_EOD, BYTE_VOCAB_SIZE
 from anneal.data.metadata import file_sha256
+from anneal.data.spec import BYTE_EOD, BYTE_VOCAB_SIZE
 from anneal.errors import ConfigError
 
 # Tried in order when no end-of-document token is named: GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma.
