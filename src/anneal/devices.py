@@ -80,6 +80,46 @@ def attention_kernel(precision: str, device_type: str) -> str:
     return "efficient" if precision == "fp32" else "math"
 
 
+def document_attention_kernel(precision: str, device_type: str) -> str:
+    """The kernel attention runs under a document mask (``dataset.reset_attention_mask``).
+
+    - ``flex_attention`` on CUDA (and ROCm): ``torch.nn.attention.flex_attention``, compiled, over a
+      ``BlockMask`` built once per forward; it skips the blocks no token may see, keeps only q, k, v,
+      the output and the log-sum-exp for the backward (no score matrices), takes grouped queries
+      natively (``enable_gqa``) and every float dtype, fp32 included. SDPA with an explicit mask would
+      run the memory-efficient kernel at best (flash takes no mask), which rejects grouped queries, and
+      the math kernel otherwise. ``varlen_attn`` (torch 2.13) needs the documents' lengths as host
+      integers (a sync per step) and 16-bit inputs.
+    - ``sdpa+mask`` on CPU: SDPA with an additive ``[b, 1, s, s]`` mask in the attention dtype, built once
+      per forward. The op that runs is still the flash kernel for CPU in every dtype
+      (``_scaled_dot_product_flash_attention_for_cpu``, measured on 2.13 with fp32, bf16 and fp16, grouped
+      queries too): no score matrices; it keeps the mask for the backward, by reference when the mask
+      is already additive in its dtype (a boolean one it would convert again in every layer, a copy per
+      layer kept until the backward).
+
+    ``precision`` is accepted for symmetry with ``attention_kernel``: the choice depends on the device.
+    """
+    del precision
+    return "sdpa+mask" if device_type == "cpu" else "flex_attention"
+
+
+def describe_attention(precision: str, device_type: str, *, reset_attention_mask: bool = False,
+                       grouped_queries: bool = False) -> str:
+    """One line for the start-up log and the dry run: which attention kernel runs, and why.
+
+    ``attention: flex_attention with a document mask (dataset.reset_attention_mask)``.
+    """
+    if reset_attention_mask:
+        kernel = document_attention_kernel(precision, device_type)
+        how = ("flex_attention (compiled, block-sparse) with a document mask" if kernel == "flex_attention"
+               else "SDPA flash for CPU with a document mask, additive [b, 1, s, s]")
+        return f"attention: {how} (dataset.reset_attention_mask)"
+    kernel = attention_kernel(precision, device_type)
+    names = {"flash": "SDPA flash", "efficient": "SDPA memory-efficient", "math": "SDPA math"}
+    repeated = ", K and V repeated to every query head" if grouped_queries and kernel == "efficient" else ""
+    return f"attention: {names[kernel]}, causal{repeated}"
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a plan's ranks run: a table accelerator or this machine's device."""

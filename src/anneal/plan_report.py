@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from anneal.config.container import ConfigContainer
 from anneal.config.optimizer import OptimizerConfig
 from anneal.devices import ACCELERATORS, DEFAULT_MFU, MFU_ANCHOR, Target
-from anneal.planner import (GIB, MIB, Estimate, Plan, RankMemory, activation_bytes, advice, kernel_keeps,
-                            logits_bytes, working_memory)
+from anneal.planner import (GIB, MIB, Estimate, Plan, RankMemory, activation_bytes, advice, document_bytes,
+                            kernel_keeps, logits_bytes, working_memory)
 
 KERNELS = {"flash": "SDPA flash attention, no score matrices stored",
            "efficient": "SDPA memory-efficient attention, no score matrices stored",
-           "math": "SDPA math kernel, the [b, heads, s, s] score matrices stored (Korthikanti's 5as/h term)"}
+           "math": "SDPA math kernel, the [b, heads, s, s] score matrices stored (Korthikanti's 5as/h term)",
+           "flex_attention": "flex_attention with a document mask (dataset.reset_attention_mask), no score "
+                             "matrices stored",
+           "sdpa+mask": "SDPA flash for CPU with an additive [b, 1, s, s] document mask "
+                        "(dataset.reset_attention_mask), no score matrices stored"}
 
 
 def plan_table(p: Plan, cfg: ConfigContainer) -> str:
@@ -120,10 +124,12 @@ def _working_lines(cfg: ConfigContainer, kernel: str) -> list[str]:
     full = m.recompute_num_layers if m.recompute_granularity == "full" else 1
     setting = (m.recompute_granularity or "no recompute") + (
         f", {m.recompute_method} {full}" if m.recompute_granularity == "full" else "")
-    options = {"none": activation_bytes(m, mbs, opt, granularity=None, **keeps),
-               "selective": activation_bytes(m, mbs, opt, granularity="selective", **keeps),
+    reset_positions = getattr(cfg.dataset, "reset_position_ids", False)
+    documents = document_bytes(m, mbs, opt, kernel, reset_position_ids=reset_positions)
+    options = {"none": activation_bytes(m, mbs, opt, granularity=None, **keeps) + documents,
+               "selective": activation_bytes(m, mbs, opt, granularity="selective", **keeps) + documents,
                "full uniform 1": activation_bytes(m, mbs, opt, granularity="full", method="uniform",
-                                                  num_layers=1, **keeps)}
+                                                  num_layers=1, **keeps) + documents}
     tp = f", tensor parallel {m.tensor_model_parallel_size}" if m.tensor_model_parallel_size > 1 else ""
     chunk = m.cross_entropy_chunk_size
     loss, other = (f"chunked per {chunk} tokens", 0) if chunk else ("plain", 1024)
@@ -133,6 +139,9 @@ def _working_lines(cfg: ConfigContainer, kernel: str) -> list[str]:
                                            if keeps["expanded_kv"] else ""),
         f"activations / microbatch ({mbs} × {m.seq_length} tokens{tp}): {_bytes(activations)} ({setting}); "
         + ", ".join(f"{name} {_bytes(x)}" for name, x in options.items()),
+        *([f"  of which packed documents: {_bytes(documents)} (the document mask once per forward"
+           + (", cos and sin per row: dataset.reset_position_ids)" if reset_positions else ")")]
+          if documents else []),
         f"logits / microbatch: {_bytes(logits)} ({loss}); {other_name} {_bytes(logits_bytes(m, mbs, other))}",
     ]
 

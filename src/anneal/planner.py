@@ -36,6 +36,15 @@ recomputed. The loss holds three fp32 ``[tokens, vocab]`` tensors at its peak
 are the full vocabulary on every rank. Communication buffers, the transient unsharded gradients of
 one block and allocator slack are not counted.
 
+Packed documents (``dataset.reset_attention_mask``, ``anneal.model.documents``) change the attention
+kernel (``anneal.devices.document_attention_kernel``) and add what one forward holds once for all layers
+(``document_bytes``): on CPU, SDPA's flash kernel keeps no score matrices but keeps the additive
+``[b, 1, s, s]`` mask in the attention dtype (``b·s²·2`` bytes in 16-bit, ``b·s²·4`` in fp32); on CUDA,
+flex_attention keeps no score matrices either and its ``BlockMask`` is eight int32 tables of
+``b·n²`` and ``b·n`` entries, ``n = ⌈s/128⌉`` (measured). ``dataset.reset_position_ids`` gathers the RoPE
+tables per row: cos and sin ``[b, 1, s, d]`` in the attention dtype (``2·b·s·d`` values) instead of
+``[s, d]``. Under tensor parallel every rank holds them whole (they broadcast over heads).
+
 Building the model has its own peak, before any activation exists (``construction_bytes``): the
 native engine builds the model on the meta device and its flat optimizer materialises it block by
 block (embedding, each layer, final norm, output layer) straight into its flat parameter buffer and
@@ -61,7 +70,8 @@ from dataclasses import dataclass, field
 from anneal.config.container import ConfigContainer, check_world
 from anneal.config.model import ModelConfig
 from anneal.config.optimizer import OptimizerConfig
-from anneal.devices import Target, attention_kernel, machine_target, planned_target
+from anneal.devices import (Target, attention_kernel, document_attention_kernel, machine_target,
+                            planned_target)
 from anneal.errors import ConfigError
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.parallel import COLWISE, ROWWISE, ParallelDims
@@ -298,28 +308,51 @@ def logits_bytes(model: ModelConfig, micro_batch_size: int, chunk_size: int) -> 
     return 12.0 * (min(chunk_size, tokens) if chunk_size > 0 else tokens) * model.vocab_size
 
 
+FLEX_BLOCK = 128  # flex_attention's default sparse block (create_block_mask's BLOCK_SIZE)
+
+
+def document_bytes(model: ModelConfig, micro_batch_size: int, optimizer: OptimizerConfig, kernel: str, *,
+                   reset_position_ids: bool) -> float:
+    """What packed documents add to one microbatch's forward, held once for all layers (see the module):
+    the document mask as ``kernel`` holds it, and the per-row RoPE tables under ``reset_position_ids``."""
+    s, b = model.seq_length, micro_batch_size
+    itemsize = 2 if optimizer.bf16 or optimizer.fp16 else 4  # the attention dtype
+    blocks = -(-s // FLEX_BLOCK)
+    mask = {"sdpa+mask": itemsize * b * s * s,  # additive [b, 1, s, s], kept by SDPA for the backward
+            "flex_attention": 4 * (4 * b * blocks * blocks + 4 * b * blocks)}.get(kernel, 0)
+    rotary = 2 * b * s * model.head_dim * itemsize if reset_position_ids else 0  # cos, sin [b, 1, s, d]
+    return float(mask + rotary)
+
+
 def precision(optimizer: OptimizerConfig) -> str:
     return "bf16" if optimizer.bf16 else "fp16" if optimizer.fp16 else "fp32"
 
 
 def kernel_of(cfg: ConfigContainer, device_type: str) -> str:
-    """The SDPA kernel the config's attention runs on ``device_type`` (cpu or cuda)."""
+    """The kernel the config's attention runs on ``device_type`` (cpu or cuda): an SDPA kernel, or under
+    ``dataset.reset_attention_mask`` the document kernel (``flex_attention`` or ``sdpa+mask``)."""
+    if getattr(cfg.dataset, "reset_attention_mask", False):  # DatasetConfig's field, when it exists
+        return document_attention_kernel(precision(cfg.optimizer), device_type)
     return attention_kernel(precision(cfg.optimizer), device_type)
 
 
 def kernel_keeps(m: ModelConfig, kernel: str) -> dict[str, bool]:
     """What the attention ``kernel`` keeps for the backward besides q, k, v: the score matrices (math), or
-    K and V repeated to every query head (grouped queries on the memory-efficient kernel)."""
+    K and V repeated to every query head (grouped queries on the memory-efficient kernel). The document
+    kernels keep neither (their mask: ``document_bytes``)."""
     return {"scores": kernel == "math",
             "expanded_kv": m.num_kv_heads != m.num_attention_heads and kernel == "efficient"}
 
 
 def working_memory(cfg: ConfigContainer, kernel: str) -> tuple[float, float]:
-    """(activations, logits) bytes of one microbatch for the config's recompute, loss and tensor parallel."""
+    """(activations, logits) bytes of one microbatch for the config's recompute, loss and tensor parallel;
+    the activations include packed documents' mask and rotary tables (``document_bytes``)."""
     m, b = cfg.model, cfg.train.micro_batch_size
     activations = activation_bytes(m, b, cfg.optimizer, granularity=m.recompute_granularity,
                                    **kernel_keeps(m, kernel), method=m.recompute_method,
                                    num_layers=m.recompute_num_layers)
+    activations += document_bytes(m, b, cfg.optimizer, kernel,
+                                  reset_position_ids=getattr(cfg.dataset, "reset_position_ids", False))
     return activations, logits_bytes(m, b, m.cross_entropy_chunk_size)
 
 

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from anneal.config.model import ModelConfig
-from anneal.model.loss import linear_cross_entropy
+from anneal.model.loss import IGNORE_INDEX, linear_cross_entropy
 from anneal.model.qwen3 import build_model
 
 
@@ -54,6 +54,63 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(dtype: torch.dtype
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6 * theirs.abs().max().item())
         else:  # the plain path rounds its GEMM's fp32 sum once, the chunked one its fp32 accumulator
             _assert_within_one_ulp(ours, theirs)
+
+
+def _ignored(tokens: int = 300) -> torch.Tensor:
+    ignored = torch.zeros(tokens, dtype=torch.bool)
+    ignored[::3] = True
+    ignored[:70] = True  # a whole chunk of 64 too
+    return ignored
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [0, 64])
+def test_ignored_labels_count_in_no_loss_and_get_no_gradient(chunk_size: int, reduction: str) -> None:
+    h, w, labels = _inputs(torch.float32)
+    ignored = _ignored()
+    ours_h, ours_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    masked = labels.masked_fill(ignored, IGNORE_INDEX)
+    loss = linear_cross_entropy(ours_h, ours_w, masked, chunk_size, reduction)
+    # the reference sees only the counted tokens
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    kept = F.cross_entropy(F.linear(ref_h[~ignored], ref_w).float(), labels[~ignored],
+                           reduction="none" if reduction == "none" else reduction)
+    if reduction == "none":
+        assert loss.shape == labels.shape and loss.dtype == torch.float32
+        assert torch.equal(loss[ignored], torch.zeros(int(ignored.sum())))
+        loss = loss[~ignored]
+        upstream = torch.randn(kept.shape, generator=torch.Generator().manual_seed(2))
+        (loss * upstream).sum().backward()
+        (kept * upstream).sum().backward()
+    else:
+        loss.backward()
+        kept.backward()
+    torch.testing.assert_close(loss, kept, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours_h.grad[ignored], torch.zeros_like(ours_h.grad[ignored]))
+    for ours, theirs in ((ours_h.grad, ref_h.grad), (ours_w.grad, ref_w.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_size", [0, 64])
+def test_mean_without_ignored_labels_is_the_sum_over_all_tokens(chunk_size: int) -> None:
+    h, w, labels = _inputs(torch.float32)
+    mean = linear_cross_entropy(h, w, labels, chunk_size, "mean")
+    assert torch.equal(mean, linear_cross_entropy(h, w, labels, chunk_size, "sum") / labels.numel())
+    assert torch.equal(mean, linear_cross_entropy(h, w, labels, chunk_size))  # the default
+
+
+@pytest.mark.parametrize("chunk_size", [0, 64])
+def test_all_labels_ignored_sum_to_zero_with_zero_gradients(chunk_size: int) -> None:
+    h, w, labels = _inputs(torch.float32)
+    loss = linear_cross_entropy(h, w, torch.full_like(labels, IGNORE_INDEX), chunk_size, "sum")
+    loss.backward()
+    assert loss.item() == 0 and not h.grad.any() and not w.grad.any()
+
+
+def test_unknown_reduction_is_refused() -> None:
+    h, w, labels = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, labels, 0, "avg")
 
 
 def test_fp16_loss_scale_is_applied_before_the_cast_as_in_the_plain_path() -> None:

@@ -13,19 +13,29 @@ match with Megatron-style param-group rules: every norm ends in ``norm.weight``.
 ``model(tokens)`` returns logits; ``model(tokens, labels=labels)`` returns the mean loss, computed
 inside the forward so that wrappers (FSDP, compile) see one call: chunked over tokens when
 ``model.cross_entropy_chunk_size`` is set (``anneal.model.loss``), with activation recompute per
-``model.recompute_*`` (``anneal.model.recompute``).
+``model.recompute_*`` (``anneal.model.recompute``); ``reduction`` sums it or keeps it per token, and
+labels equal to ``IGNORE_INDEX`` count nowhere.
+
+Packed documents (``anneal.model.documents``): ``position_ids [b, s]`` gathers each row's RoPE angles;
+``document_ids [b, s]`` restricts attention to earlier tokens of the same document. The mask is built
+once per forward, outside the (compiled, recomputed) blocks, and every layer gets it: a ``BlockMask``
+for flex_attention on CUDA, an additive ``[b, 1, s, s]`` tensor for SDPA on CPU
+(``anneal.devices.document_attention_kernel`` says why). Both broadcast over heads, so under tensor
+parallel each rank's heads / TP heads use it as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from anneal.config.model import ModelConfig
-from anneal.devices import attention_kernel
+from anneal.devices import attention_kernel, document_attention_kernel
 from anneal.model.loss import linear_cross_entropy
 from anneal.model.recompute import maybe_recompute, recompute_units
 
@@ -33,6 +43,9 @@ from anneal.model.recompute import maybe_recompute, recompute_units
 _SCALED_INIT_SUFFIXES = ("o_proj.weight", "down_proj.weight")
 # Attention input dtypes by the names anneal.devices.attention_kernel takes.
 _PRECISIONS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+# What restricts attention besides causality: nothing, an additive mask for SDPA, or flex's BlockMask.
+AttentionMask = torch.Tensor | BlockMask | None
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +71,18 @@ def rotary_cos_sin(
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary_for_positions(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as attention takes them: ``[s, d]`` as they are, or gathered per row ``[b, 1, s, d]``.
+
+    Row ``p`` of a table depends only on ``p``, so a document restarted at position 0 sees exactly the
+    angles it would see alone; the ``1`` broadcasts over heads (all of them, or a TP rank's).
+    """
+    if position_ids is None:
+        return cos, sin
+    return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +118,56 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device_t
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1 and not expand)
 
 
+def document_mask(document_ids: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor | BlockMask:
+    """Causal ∧ same-document attention for ``document_ids [b, s]``, as ``kernel`` takes it (built once).
+
+    ``flex_attention``: a ``BlockMask`` (a few int32 block tables, ``b × (s/128)²``), made by
+    ``create_block_mask`` compiled on accelerators, so the dense mask is never materialised (eager, on CPU,
+    it is, transiently). ``sdpa+mask``: an additive ``[b, 1, s, s]`` mask in the attention ``dtype``, 0 where
+    a token may look and -inf elsewhere: SDPA keeps it by reference for the backward, one for all layers
+    (a boolean mask would be converted again, and kept, in every layer).
+    """
+    if kernel == "flex_attention":
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+        batch, seq_len = document_ids.shape
+        make = create_block_mask if document_ids.device.type == "cpu" else _compiled(create_block_mask)
+        return make(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
+    allowed = (document_ids[:, :, None] == document_ids[:, None, :]).tril_()  # [b, s, s]; a row sees itself
+    zero = torch.zeros((), dtype=dtype, device=document_ids.device)
+    return torch.where(allowed, zero, zero - math.inf).unsqueeze(1)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask,
+                       device_type: str) -> torch.Tensor:
+    """Attention of ``q [b, heads, s, d]`` over ``k``, ``v [b, kv_heads, s, d]`` under a ``document_mask``.
+
+    Grouped queries go to the kernel as they are (``enable_gqa``): flex takes them natively, SDPA's
+    flash kernel for CPU too. flex_attention is compiled on ``device_type``s other than CPU, as PyTorch
+    requires for its fused kernel; on CPU it runs eagerly (unfused: tests on small sizes).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        flex = flex_attention if device_type == "cpu" else _compiled(flex_attention)
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+              device_type: str) -> torch.Tensor:
+    """The attention core: causal SDPA without a mask (``causal_attention``), else ``document_attention``."""
+    if mask is None:
+        return causal_attention(q, k, v, device_type)
+    return document_attention(q, k, v, mask, device_type)
+
+
+@functools.cache
+def _compiled(function):
+    """``torch.compile(function)``, made once, on first use (compiling imports dynamo: not at import)."""
+    return torch.compile(function)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with optional per-head q/k RMSNorm and RoPE."""
 
@@ -110,7 +185,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.layernorm_epsilon) if has_qk_norm else None
         self.recompute_core = cfg.recompute_granularity == "selective"  # recompute SDPA in the backward
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: AttentionMask = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # -1 heads: under tensor parallel each rank holds heads / TP of them (anneal.parallelize).
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim)
@@ -120,7 +196,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, dim]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        context = maybe_recompute(self.recompute_core, causal_attention, q, k, v, x.device.type)
+        context = maybe_recompute(self.recompute_core, attention, q, k, v, mask, x.device.type)
         return self.o_proj(context.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -147,13 +223,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: AttentionMask = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3Model(nn.Module):
-    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``, or the mean loss given labels."""
+    """Token ids ``[batch, seq]`` -> logits ``[batch, seq, vocab_size]``, or the loss given labels."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -170,24 +247,37 @@ class Qwen3Model(nn.Module):
         self.units = recompute_units(cfg.num_layers, cfg.recompute_method if full else None,
                                      cfg.recompute_num_layers)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]``; with ``labels [batch, seq]``, the mean cross-entropy instead."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``; with ``labels [batch, seq]``, the cross-entropy instead.
+
+        ``position_ids [batch, seq]``: each token's RoPE position (default ``0 .. seq - 1`` in every row);
+        ``document_ids [batch, seq]``: attend only within the same document (``anneal.model.documents``);
+        ``reduction``: ``mean``, ``sum`` or ``none`` over the labels not ``IGNORE_INDEX``
+        (``anneal.model.loss``).
+        """
         x = self.embedding(input_ids)
         cos, sin = rotary_cos_sin(
             input_ids.shape[1], self.cfg.head_dim, self.cfg.rotary_base, device=x.device, dtype=x.dtype
         )
+        cos, sin = rotary_for_positions(cos, sin, position_ids)
+        mask = None
+        if document_ids is not None:  # once per forward, outside the blocks (compiled or recomputed)
+            kernel = document_attention_kernel(_PRECISIONS[x.dtype], x.device.type)
+            mask = document_mask(document_ids, x.dtype, kernel)
         for start, stop, recompute in self.units:
-            x = maybe_recompute(recompute, self._run_layers, start, stop, x, cos, sin)
+            x = maybe_recompute(recompute, self._run_layers, start, stop, x, cos, sin, mask)
         x = self.final_norm(x)
         output_weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
         if labels is None:
             return F.linear(x, output_weight)
-        return linear_cross_entropy(x, output_weight, labels, self.cfg.cross_entropy_chunk_size)
+        return linear_cross_entropy(x, output_weight, labels, self.cfg.cross_entropy_chunk_size, reduction)
 
     def _run_layers(self, start: int, stop: int, x: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor) -> torch.Tensor:
+                    sin: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         for layer in self.layers[start:stop]:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return x
 
     @torch.no_grad()

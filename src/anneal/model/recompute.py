@@ -5,8 +5,10 @@
   backward pass.
 - ``full`` + ``block``: the first ``recompute_num_layers`` layers are recomputed one by one; the
   others keep their activations.
-- ``selective``: only the attention core (``scaled_dot_product_attention``) is recomputed, the part
-  whose activations grow with ``seq²`` in Megatron's accounting.
+- ``selective``: only the attention core (``scaled_dot_product_attention``, or flex_attention under a
+  document mask) is recomputed, the part whose activations grow with ``seq²`` in Megatron's accounting.
+  A document mask is made once per forward outside the recomputed functions and passed in: the
+  checkpoint keeps a reference to it, never a copy.
 
 Recompute uses ``torch.utils.checkpoint`` with ``use_reentrant=False`` and only while gradients
 are being recorded; the recomputed forward is the same computation, so gradients are unchanged.
