@@ -1,4 +1,5 @@
-"""The data flow as a user runs it: train a BPE, preprocess JSONL with it, train on a blend (scripts/)."""
+"""The data flow as a user runs it: train a BPE, preprocess JSONL with it, train on a blend (scripts/) with
+document boundaries and a per-token loss, validated per blend component and on a named held-out set."""
 
 from __future__ import annotations
 
@@ -48,33 +49,61 @@ def _blend(data: dict[str, str]) -> list[str]:
             f"dataset.anneal_data_path=[{data['hq']}]", "dataset.split='90,10,0'"]
 
 
+DOCUMENTS = ["dataset.reset_position_ids=true", "dataset.reset_attention_mask=true", "dataset.eod_mask_loss=true"]
+
+
+def _evaluations(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r for r in map(json.loads, lines) if "loss" not in r}
+
+
 @pytest.fixture(scope="module")
 def single_run(data: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("blend_run")
-    result = run_cli(*TINY, *_blend(data), "model.vocab_size=384", f"hydra.run.dir={out}", cwd=out,
-                     timeout=240, env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(*TINY, *_blend(data), *DOCUMENTS, f"+dataset.extra_valid_data_path.hq=[{data['hq']}]",
+                     "model.vocab_size=384", f"hydra.run.dir={out}", cwd=out, timeout=240,
+                     env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return metrics_by_iteration(out)
+    return {**metrics_by_iteration(out), "evaluations": _evaluations(out)}
 
 
-def test_trains_on_a_blend_of_bpe_tokenized_jsonl(single_run: dict[int, dict]) -> None:
+def test_trains_on_a_blend_of_bpe_tokenized_jsonl(single_run: dict) -> None:
+    single_run = {k: v for k, v in single_run.items() if k != "evaluations"}
     assert sorted(single_run) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(r["loss"]) for r in single_run.values())
     assert single_run[1]["loss"] == pytest.approx(math.log(384), abs=0.5)  # near uniform over the vocab
 
 
-def test_two_gloo_ranks_read_the_same_blend(single_run: dict[int, dict], data: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_validation_reports_each_blend_component_and_the_named_set(single_run: dict) -> None:
+    evaluations = single_run["evaluations"]
+    assert sorted(evaluations) == [3, 6]  # train.eval_interval=3 over 6 iterations
+    for record in evaluations.values():
+        losses = {k: v for k, v in record.items() if k.startswith("valid_loss")}
+        assert sorted(losses) == ["valid_loss", "valid_loss/code", "valid_loss/hq", "valid_loss/prose"]
+        assert all(math.isfinite(v) for v in losses.values())
+        # the blend's loss is its components' means weighted by their tokens: between the two
+        low, high = sorted((losses["valid_loss/code"], losses["valid_loss/prose"]))
+        assert low <= losses["valid_loss"] <= high
+
+
+def test_two_gloo_ranks_read_the_same_blend(single_run: dict, data: dict[str, str], tmp_path: Path) -> None:
+    """Same samples, the same loss: the per-token loss's count is summed over the ranks (eod_mask_loss)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(free_port()), str(ROOT / "scripts" / "pretrain.py"), *TINY, *_blend(data),
-           "model.vocab_size=384", f"hydra.run.dir={tmp_path}"]
+           str(free_port()), str(ROOT / "scripts" / "pretrain.py"), *TINY, *_blend(data), *DOCUMENTS,
+           f"+dataset.extra_valid_data_path.hq=[{data['hq']}]", "model.vocab_size=384",
+           f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = metrics_by_iteration(tmp_path)
-    assert sorted(two) == sorted(single_run)
+    two = {**metrics_by_iteration(tmp_path), "evaluations": _evaluations(tmp_path)}
+    assert sorted(two, key=str) == sorted(single_run, key=str)
     for iteration, record in single_run.items():  # same samples, so the same loss (anneal blend from it. 6)
-        assert two[iteration]["loss"] == pytest.approx(record["loss"], rel=1e-4)
+        if iteration != "evaluations":
+            assert two[iteration]["loss"] == pytest.approx(record["loss"], rel=1e-4)
+    for iteration, record in single_run["evaluations"].items():
+        for key, value in record.items():
+            if key.startswith("valid_loss"):
+                assert two["evaluations"][iteration][key] == pytest.approx(value, rel=1e-4), key
 
 
 def test_a_vocabulary_smaller_than_the_tokenizers_is_refused(data: dict[str, str], tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ code on every device, only the copy differs (``HostCopy`` on the CPU, ``CudaCopy
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -98,6 +98,14 @@ class Microbatches:
         self.dataset, self.copy = dataset, copy
         self.consumed_samples, self.num_microbatches = consumed_samples, num_microbatches
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self._host: list[torch.Tensor] | None = None  # read ahead by count()
+
+    def count(self, counted: Callable[[torch.Tensor], int]) -> int:
+        """The sum of ``counted`` over the iteration's host batches, read now and kept for the iteration
+        (the per-token loss needs the iteration's token count before its first backward)."""
+        if self._host is None:
+            self._host = [self._read(micro) for micro in range(self.num_microbatches)]
+        return sum(counted(host) for host in self._host)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         pending = self._start(0) if self.num_microbatches else None
@@ -107,7 +115,9 @@ class Microbatches:
             yield batch
 
     def _start(self, microbatch: int) -> torch.Tensor:
-        host = get_microbatch(self.dataset, consumed_samples=self.consumed_samples, microbatch=microbatch,
+        return self.copy.start(self._host[microbatch] if self._host is not None else self._read(microbatch))
+
+    def _read(self, microbatch: int) -> torch.Tensor:
+        return get_microbatch(self.dataset, consumed_samples=self.consumed_samples, microbatch=microbatch,
                               micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
                               dp_size=self.dp_size)
-        return self.copy.start(host)

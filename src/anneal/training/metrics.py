@@ -234,9 +234,8 @@ class MetricsLogger:
 
     def _console(self, r: dict[str, Any]) -> str:
         head = self._head(r["iteration"])
-        if "valid_loss" in r:
-            ppl = math.exp(min(r["valid_loss"], 50))
-            return f"{head} validation loss {r['valid_loss']:.4f} ppl {ppl:.2f}"
+        if "loss" not in r:  # an evaluation: validation losses, downstream metrics
+            return " | ".join([head, *_evaluation_parts(r)])
         parts = [head, f"samples {r['consumed_samples']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
                  f"wd {r['weight_decay']:.3g}", f"gnorm {r['grad_norm']:.3f}"]
         if "tokens_per_s" in r:
@@ -255,6 +254,17 @@ class MetricsLogger:
         for sink in (self._file, self._tb, self._wandb):
             if sink is not None:
                 sink.close()
+
+
+def _evaluation_parts(r: dict[str, Any]) -> list[str]:
+    """``valid_loss`` as loss and perplexity, then each ``valid_loss/<name>`` and ``eval/<task>/<metric>``."""
+    parts = []
+    if "valid_loss" in r:
+        parts.append(f"validation loss {r['valid_loss']:.4f} ppl {math.exp(min(r['valid_loss'], 50)):.2f}")
+    for key, value in r.items():
+        if key.startswith(("valid_loss/", "eval/")) and isinstance(value, (int, float)):
+            parts.append(f"{key} {value:.4f}")
+    return parts
 
 
 def _times(elapsed_s: float, eta_s: float | None) -> str:

@@ -18,15 +18,17 @@ from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.context import DistContext
-from anneal.data.datasets import build_datasets
-from anneal.data.sources import anneal_start_sample
+from anneal.data.datasets import RunData, build_data
+from anneal.devices import describe_attention
 from anneal.errors import AnnealError, RunError
 from anneal.hf.importer import check_pretrained, load_pretrained
+from anneal.model.documents import DocumentBoundaries
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.optim import setup_optimizer
 from anneal.optim.setup import model_dtype
 from anneal.parallel import plan_layout
 from anneal.parallelize import build_parallel_model
+from anneal.planner import precision as precision_of
 from anneal.resume import ResumePlan, plan_resume, write_lineage
 from anneal.training.distributed import init_distributed, set_matmul_precision, shutdown
 from anneal.training.metrics import MetricsLogger, Throughput, continued_wandb_run, peak_flops
@@ -63,14 +65,13 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
     # Resume, anneal branch or extension, decided from the checkpoint's state before anything is written (a
     # refused one leaves no save directory behind); its schedule sets where an anneal blend starts.
     plan = plan_resume(cfg, derived)
-    train_data, valid_data = build_datasets(cfg.dataset, seq_length=cfg.model.seq_length,
-                                            vocab_size=cfg.model.vocab_size,
-                                            anneal_start=anneal_start_sample(plan.derived.schedule))
+    data = build_data(cfg.dataset, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
+                      schedule=plan.derived.schedule)
     lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
     ctx = init_distributed(cfg.dist, layout)
     stage = Stage()
     try:
-        return _build_and_train(cfg, plan, ctx, (train_data, valid_data), stage)
+        return _build_and_train(cfg, plan, ctx, data, stage)
     except RuntimeError as error:  # a collective that timed out becomes one line naming the stage
         raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
     finally:
@@ -80,7 +81,7 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
         shutdown(ctx)
 
 
-def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, data: tuple, stage: Stage) -> int:
+def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, data: RunData, stage: Stage) -> int:
     stage.now = "building the model and optimizer"
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
     _say(f"anneal: building the model ({num_parameters(cfg.model) / 1e6:.2f}M parameters on {ctx.device}) "
@@ -90,6 +91,10 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
         _say(f"anneal: fp32 matmuls at precision {precision!r} "
              + ("(TF32; optimizer.tf32=false for full fp32)" if precision != "highest" else "(full fp32)"))
     model = _build_model(cfg, ctx)
+    attention = describe_attention(precision_of(cfg.optimizer), ctx.device.type,
+                                   reset_attention_mask=cfg.dataset.reset_attention_mask,
+                                   grouped_queries=cfg.model.num_kv_heads != cfg.model.num_attention_heads)
+    _say(f"anneal: {attention}")  # the kernel picked for this device and dtype (README: Data)
     derived = plan.derived  # the schedule in force after the resume decision, and the run's length
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, schedule=derived.schedule,
                                            dp_group=ctx.parallel.dp_group, resume=plan, layout=ctx.parallel,
@@ -118,8 +123,11 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
         return exits.OK
     profiler = ProfilerWindow(cfg.profiling, out / "profile", rank=ctx.rank, device=ctx.device,
                               iteration=state.iteration)
-    parts = LoopParts(model, optimizer, scheduler, *data, derived.ramp, checkpointer=checkpointer,
-                      throughput=throughput, profiler=profiler)
+    documents = DocumentBoundaries(data.eod, reset_position_ids=cfg.dataset.reset_position_ids,
+                                   reset_attention_mask=cfg.dataset.reset_attention_mask,
+                                   eod_mask_loss=cfg.dataset.eod_mask_loss)
+    parts = LoopParts(model, optimizer, scheduler, data.train, data.valid, derived.ramp, checkpointer=checkpointer,
+                      throughput=throughput, profiler=profiler, documents=documents)
     trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
                       log_interval=cfg.logger.log_interval, state=state,
                       grad_sync_each_microbatch=cfg.dist.fsdp_grad_sync_each_microbatch)

@@ -12,12 +12,20 @@ aborts (``anneal.training.signals``).
 
 On PyTorch's engine the gradients are reduced once per iteration, in the last microbatch's backward:
 the microbatches before accumulate unsharded fp32 gradients (README: Scaling on PyTorch's engine).
+
+The loss is the mean over the counted tokens of the whole global batch, across microbatches and
+data-parallel ranks (Megatron's ``calculate_per_token_loss``). While every token counts, each microbatch
+holds ``micro_batch_size × seq_length`` of them and that mean is the mean of the microbatch means, as
+computed before; with ``dataset.eod_mask_loss`` the counts differ, so each microbatch's loss *sum* is
+divided by the global count (over the data-parallel ranks, one all-reduce of one number an iteration,
+with no host sync), and the gradients, the logged loss and the evaluations follow that definition.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,9 +36,11 @@ from anneal.config.batch import BatchRamp
 from anneal.config.training import TrainingConfig
 from anneal.context import DistContext, TrainState
 from anneal.data.loader import Microbatches, device_copy
+from anneal.model.documents import DocumentBoundaries
 from anneal.faults import fault_iteration, kill_self, stop_self
 from anneal.scheduler.protocol import ParamScheduler
 from anneal.training.distributed import all_reduce_mean
+from anneal.training.evaluation import Validation
 from anneal.training.health import NonFiniteWatch
 from anneal.training.metrics import MetricsLogger, Throughput, peak_memory_mb, reset_peak_memory
 from anneal.training.profiling import ProfilerWindow
@@ -54,12 +64,14 @@ class LoopParts:
     model: torch.nn.Module
     optimizer: Any  # anneal.optim AnnealOptimizer: scale_loss, zero_grad, step() -> StepResult
     scheduler: ParamScheduler
-    train_data: Any  # anneal.data TokenWindows
-    valid_data: Any
+    train_data: Any  # anneal.data: gather(samples) -> [n, seq_length + 1] tokens
+    valid_sets: Sequence[Any] | None  # anneal.data ValidSets: the main split first, then extra named sets
     ramp: BatchRamp
     checkpointer: Checkpointer | None = None
     throughput: Throughput | None = None
     profiler: ProfilerWindow | None = None
+    documents: DocumentBoundaries = field(default_factory=DocumentBoundaries)  # dataset.reset_*, eod_mask_loss
+    downstream: Any = None  # anneal.training.downstream.DownstreamEvals (downstream_eval.tasks), or None
 
 
 class Trainer:
@@ -82,12 +94,15 @@ class Trainer:
         self._copy = device_copy(ctx.device)  # pinned, prefetched on a side stream on CUDA; as is on the CPU
         self.grad_sync_each_microbatch = grad_sync_each_microbatch  # dist.fsdp_grad_sync_each_microbatch
         self._agreements = StopSchedule()  # when the ranks agree on a stop signal
+        self.validation = Validation(parts.valid_sets or (), cfg, ctx, parts.documents, self._copy)
 
     def train(self, stop: Any = None) -> TrainState:
         """Run to ``train_iters`` or until ``stop.signum`` is set (``StopSignals``); then save, and return once
         every save is complete (a save in the background, ``checkpoint.async_save``, is waited for)."""
         self._stop = stop
         self._loop()
+        if self.state.iteration == self.train_iters and not self.stop_requested:
+            self._final_evaluations()
         self._check_finite()
         if self.p.checkpointer is not None:
             self.p.checkpointer.finish(self.state)
@@ -121,9 +136,12 @@ class Trainer:
                 self._log(loss_sum / iters_in_window, result, lr, wd)
                 loss_sum.zero_()
                 iters_in_window = 0
-            if self.cfg.eval_interval and s.iteration % self.cfg.eval_interval == 0 and self.cfg.eval_iters:
+            if self.validation.due(s.iteration):
                 with self._excluded():
                     self._log_eval()
+            if self.p.downstream is not None and self.p.downstream.due(s.iteration):
+                with self._excluded():
+                    self._log_downstream()
             saving = self.p.checkpointer is not None and self.p.checkpointer.due(s)
             if logging_step or saving:
                 self._check_finite()  # nothing non-finite is ever written
@@ -148,10 +166,13 @@ class Trainer:
         p.model.train()
         p.optimizer.zero_grad()
         loss_sum = torch.zeros((), device=ctx.device)
-        for i, tokens in enumerate(self._microbatches(p.train_data, s.consumed_samples, num_micro)):
+        batches = self._microbatches(p.train_data, s.consumed_samples, num_micro)
+        divisor = self._loss_divisor(batches, num_micro)
+        reduction = "mean" if isinstance(divisor, int) else "sum"
+        for i, tokens in enumerate(batches):
             self._reduce_grads_in_backward(last=i == num_micro - 1)
-            loss = _lm_loss(p.model, tokens)
-            p.optimizer.scale_loss(loss / num_micro).backward()
+            loss = p.model(**p.documents.inputs(tokens), reduction=reduction)
+            p.optimizer.scale_loss(loss / divisor).backward()
             loss_sum += loss.detach()
         result = p.optimizer.step()
         if not result.skipped:
@@ -161,7 +182,27 @@ class Trainer:
         s.consumed_samples += batch
         if p.throughput is not None:
             p.throughput.add(batch * self.p.train_data.seq_length)
-        return loss_sum / num_micro, result
+        return loss_sum / divisor, result
+
+    def _loss_divisor(self, batches: Microbatches, num_micro: int) -> int | torch.Tensor:
+        """What each microbatch's loss is divided by, so the iteration's gradient is that of the mean loss per
+        counted token of the global batch (this rank's share of it, which the data-parallel mean completes).
+
+        Every token counts: ``num_micro``, dividing each microbatch's mean (the computation as it always was).
+        ``dataset.eod_mask_loss``: the global count of counted tokens over the data-parallel size, dividing each
+        microbatch's sum; this rank's count is read from its host batches, and summed over the ranks on the
+        device (a pinned copy and an all-reduce queued behind the step's work: no host sync).
+        """
+        documents, dims = self.p.documents, self.ctx.parallel
+        if not documents.eod_mask_loss:
+            return num_micro
+        counted = batches.count(documents.counted_tokens)
+        total = torch.tensor(float(counted), dtype=torch.float64)
+        if self.ctx.device.type == "cuda":
+            total = total.pin_memory().to(self.ctx.device, non_blocking=True)
+        if dims.dp_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=dims.dp_group)
+        return (total.clamp(min=1.0) / dims.dp_size).float()
 
     def _reduce_grads_in_backward(self, *, last: bool) -> None:
         """PyTorch's engine: reduce the gradients in the last microbatch's backward only (FSDP2 accumulates
@@ -173,18 +214,6 @@ class Trainer:
             self.p.model.set_requires_all_reduce(last)  # the sharded sums wait for the replicas' all-reduce
         else:
             self.p.model.set_requires_gradient_sync(last)  # reduce-scatter and HSDP all-reduce together
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over ``eval_iters`` global batches of the validation split (the same ones each time)."""
-        p, ctx, cfg, dims = self.p, self.ctx, self.cfg, self.ctx.parallel
-        p.model.eval()
-        total = torch.zeros((), device=ctx.device)
-        num_micro = dims.microbatches(cfg)
-        for it in range(cfg.eval_iters):
-            for tokens in self._microbatches(p.valid_data, it * cfg.global_batch_size, num_micro):
-                total += _lm_loss(p.model, tokens)
-        return all_reduce_mean(total / (cfg.eval_iters * num_micro), dims).item()
 
     def _microbatches(self, dataset: Any, consumed_samples: int, num_microbatches: int) -> Microbatches:
         """This rank's microbatches of the batch at ``consumed_samples``, each copied as the one before computes.
@@ -219,10 +248,27 @@ class Trainer:
         self.applied.append({"iteration": s.iteration, "lr": lr, "weight_decay": wd})
         self.metrics.log(record)
 
-    def _log_eval(self) -> None:
-        valid_loss = self.evaluate()
-        self.metrics.log({"iteration": self.state.iteration, "valid_loss": valid_loss})
-        self.p.scheduler.observe(valid_loss)  # ReduceLROnPlateau steps on it; other schedules ignore it
+    def _log_eval(self, *, final: bool = False) -> None:
+        losses = self.validation.run(self.p.model, self.state.iteration)
+        self.metrics.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                          **losses})
+        if not final and "valid_loss" in losses:  # ReduceLROnPlateau steps on it; other schedules ignore it
+            self.p.scheduler.observe(losses["valid_loss"])
+
+    def _log_downstream(self) -> None:
+        results = self.p.downstream.run(self.p.model)
+        self.metrics.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
+                          **results})
+
+    def _final_evaluations(self) -> None:
+        """After the last iteration, the evaluations its own interval did not run (Megatron evaluates at the
+        end of training too); a run stopped early (a signal, train.exit_interval) skips them."""
+        it = self.state.iteration
+        with self._excluded():
+            if self.validation and not self.validation.due(it):
+                self._log_eval(final=True)
+            if self.p.downstream is not None and not self.p.downstream.due(it):
+                self._log_downstream()
 
     def _should_exit(self, synced: bool) -> bool:
         """Stop after this iteration: a stop signal on any rank, or ``train.exit_interval``.
@@ -256,11 +302,6 @@ def _agree_on_stop(asked: bool, elapsed_s: float, device: torch.device) -> tuple
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     any_asked, slowest_s = flags.tolist()  # the one host sync, every few seconds
     return any_asked > 0, slowest_s
-
-
-def _lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in the model's forward (chunked per model.cross_entropy_chunk_size)."""
-    return model(tokens[:, :-1], labels=tokens[:, 1:])
 
 
 def _group_lrs(groups: list[dict]) -> dict[str, float]:
