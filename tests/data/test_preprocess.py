@@ -105,3 +105,41 @@ def test_a_hub_id_reads_the_tokenizer_from_the_offline_cache(tmp_path: Path, tok
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert missing.stderr.startswith("anneal: error: --tokenizer-file ('Qwen/Qwen3-0.6B') is neither a dir")
     assert str(hub) in missing.stderr and "HF_HUB_OFFLINE is set" in missing.stderr
+
+
+def test_parquet_with_text_key_under_two_workers_prints_a_summary(tmp_path: Path,
+                                                                  tokenizer_file: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": DOCUMENTS, "id": range(len(DOCUMENTS))}), tmp_path / "c.parquet")
+    result = _run("--input", str(tmp_path / "c.parquet"), "--text-key", "content", "--workers", "2",
+                  "--output-prefix", str(tmp_path / "p"), "--tokenizer", str(tokenizer_file))
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(tmp_path / "p")
+    assert [dataset.get(i).tolist() for i in range(len(dataset))] == _expected(HFTokenizer(tokenizer_file),
+                                                                                DOCUMENTS)
+    summary = result.stdout.splitlines()[1]
+    assert summary.startswith(f"{dataset.num_tokens:,} tokens from ") and summary.endswith(" with 2 workers")
+    assert " tokens/s " in summary and result.stderr == ""  # a short run on a pipe draws no progress
+
+
+def test_a_missing_parquet_column_fails_in_one_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": DOCUMENTS}), tmp_path / "c.parquet")
+    result = _run("--input", str(tmp_path / "c.parquet"), "--output-prefix", str(tmp_path / "p"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    path = tmp_path / "c.parquet"
+    assert result.stderr == f"anneal: error: --text-key ('text'): {path} has no such column (its columns: content)\n"
+
+
+def test_a_bad_json_line_under_two_workers_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path)
+    path.write_text(path.read_text() + '{"content": "fine"}\n' * 3000 + '{"content": broken\n')
+    result = _run("--input", str(path), "--json-key", "content", "--workers", "2",
+                  "--output-prefix", str(tmp_path / "out" / "bad"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"anneal: error: {path}:3006: not a JSON line")
+    assert list((tmp_path / "out").iterdir()) == []
