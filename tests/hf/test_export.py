@@ -131,7 +131,7 @@ def test_every_exported_file_gets_the_mode_the_umask_gives(tmp_path: Path) -> No
     assert modes == dict.fromkeys(modes, 0o640), modes  # safetensors alone writes 0600
 
 
-def test_a_byte_level_run_exports_no_tokenizer_and_says_why_in_one_note(tmp_path: Path, capsys) -> None:
+def test_a_byte_level_run_exports_a_byte_tokenizer_without_a_note(tmp_path: Path, capsys) -> None:
     from anneal.data.metadata import write_metadata
     from anneal.data.tokenizer import ByteTokenizer
     from anneal.hf.cli import main
@@ -139,11 +139,11 @@ def test_a_byte_level_run_exports_no_tokenizer_and_says_why_in_one_note(tmp_path
     prefix = tmp_path / "corpus_text_document"
     write_metadata(prefix, tokenizer=ByteTokenizer().describe(), stats={"documents": 1})
     cfg = model_config(True)
-    save_checkpoint(tmp_path / "ck", build(cfg), cfg, {"dataset": {"data_path": [str(prefix)]}})
+    dataset = {"kind": "indexed", "data_path": [str(prefix)]}
+    save_checkpoint(tmp_path / "ck", build(cfg), cfg, {"dataset": dataset})
     main([str(tmp_path / "ck"), str(tmp_path / "hf")])
     lines = capsys.readouterr().out.splitlines()
-    assert [line for line in lines if line.startswith("anneal: note:")] == [
-        "anneal: note: no tokenizer written: the run's data uses anneal's byte tokenizer (ids 0-255 are "
-        "UTF-8 bytes, 256 ends a document), which has no tokenizer file: decode generated ids with "
-        "bytes(i for i in ids if i < 256).decode('utf-8', 'replace')"]
-    assert lines[-1].endswith(": model.safetensors, config.json, generation_config.json")  # all it wrote
+    assert not [line for line in lines if line.startswith("anneal: note:")], lines
+    assert lines[-1].endswith(": model.safetensors, tokenizer.json, tokenizer_config.json, config.json, "
+                              "generation_config.json")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 256

@@ -126,7 +126,8 @@ def report_parts(cfg: ConfigContainer, derived: Derived):
     yield "\n".join(["# derived", *notes, schedule_table(cfg, runs)])
     from anneal.data.mix import mix_table  # imports numpy, not torch
 
-    yield "\n".join(["# data", mix_table(cfg.dataset, runs, cfg.model.seq_length), *validation_lines(cfg)])
+    yield "\n".join(["# data", mix_table(cfg.dataset, runs, cfg.model.seq_length), *validation_lines(cfg),
+                     cfg.downstream_eval.describe()])
     from anneal.plan_report import plan_table
     from anneal.planner import plan
 

@@ -12,8 +12,8 @@ from anneal.config.optimizer import OptimizerConfig
 from anneal.config.plan import PlanConfig
 from anneal.config.provenance import UserSet
 from anneal.config.ranges import check_ranges
-from anneal.config.runtime import (CheckpointConfig, CompileConfig, DistributedConfig, LoggerConfig,
-                                   ProfilingConfig, RNGConfig)
+from anneal.config.runtime import (CheckpointConfig, CompileConfig, DistributedConfig, DownstreamEvalConfig,
+                                   LoggerConfig, ProfilingConfig, RNGConfig)
 from anneal.config.scheduler import SchedulerConfig
 from anneal.config.torch_scheduler import TorchSchedulerConfig
 from anneal.config.training import TrainingConfig
@@ -35,6 +35,7 @@ class ConfigContainer:
     compile: CompileConfig = field(default_factory=CompileConfig)
     rng: RNGConfig = field(default_factory=RNGConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    downstream_eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
     dry_run: bool = False  # print the resolved config, derived schedule and plan; train nothing
 
     @property
@@ -60,7 +61,8 @@ class ConfigContainer:
         check_types(self)
         check_ranges(self)
         for section in (self.train, self.model, self.optimizer, self.scheduler, self.dataset,
-                        self.checkpoint, self.logger, self.profiling, self.dist, self.compile, self.rng, self.plan):
+                        self.checkpoint, self.logger, self.profiling, self.dist, self.compile, self.rng, self.plan,
+                        self.downstream_eval):
             section.validate()
         self._check_engine()
         known = self.dataset.known_max_token()

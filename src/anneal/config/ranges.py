@@ -86,6 +86,9 @@ RANGES: dict[str, Range] = {
     "DistributedConfig.data_parallel_replicate_degree": POSITIVE_INT,
     "RNGConfig.seed": Range(0, 2**63, high_open=True, text="in [0, 2**63)"),
     "PlanConfig.world_size": Range(1, text=">= 1 or null"),
+    "DownstreamEvalConfig.interval": Range(1, text=">= 1 or null"),
+    "DownstreamEvalConfig.limit": Range(0, low_open=True, text="> 0 or null"),
+    "DownstreamEvalConfig.batch_size": AT_LEAST_1,
     "PlanConfig.mfu": Range(0, 1, low_open=True),
 }
 

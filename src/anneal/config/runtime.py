@@ -1,8 +1,9 @@
 """Sections for the run around the model: ``checkpoint.``, ``logger.``, ``profiling.``, ``dist.``,
-``compile.``, ``rng.``."""
+``compile.``, ``rng.``, ``downstream_eval.``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -145,3 +146,37 @@ class RNGConfig:
     def validate(self) -> None:
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"rng.seed ({self.seed}) must be in [0, 2**63)")
+
+
+@dataclass
+class DownstreamEvalConfig:
+    """lm-evaluation-harness tasks scored on the live model during training (``anneal.evals``), logged as
+    ``eval/<task>/<metric>``; needs ``pip install 'anneal[eval]'``."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (or groups); empty: no downstream evals
+    interval: int | None = None  # iterations between evaluations; None: only after the last iteration
+    limit: float | None = None  # documents per task (lm-eval's --limit; below 1: a fraction); None: all
+    include_path: str | None = None  # a folder of local task YAMLs (lm-eval's --include_path)
+    batch_size: int = 8  # requests per forward
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):  # downstream_eval.tasks=hellaswag,arc_easy from the command line
+            self.tasks = [task.strip() for task in self.tasks.split(",") if task.strip()]
+
+    def describe(self) -> str:
+        """One line for the start-up log and the dry run."""
+        if not self.tasks:
+            return "downstream evals: off (downstream_eval.tasks is empty)"
+        when = f"every {self.interval} iterations and " if self.interval else ""
+        limit = f", {self.limit:g} documents per task" if self.limit else ""
+        return f"downstream evals: {', '.join(self.tasks)} (lm-eval{limit}) {when}after the last iteration"
+
+    def validate(self) -> None:
+        if any(not isinstance(task, str) or not task.strip() for task in self.tasks):
+            raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) must be lm-eval task names")
+        if self.include_path is not None and not os.path.isdir(self.include_path):
+            raise ConfigError(f"downstream_eval.include_path ({self.include_path!r}) must be a directory of "
+                              "lm-eval task YAMLs")
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:  # found without importing it
+            raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) needs lm-evaluation-harness: "
+                              "pip install 'anneal[eval]'")

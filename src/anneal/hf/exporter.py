@@ -1,10 +1,11 @@
 """An anneal checkpoint -> a Hugging Face ``Qwen3ForCausalLM`` directory (``anneal-export-hf``).
 
 Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (or shards of at most
-``max_shard_bytes`` with ``model.safetensors.index.json``) and the tokenizer files that the run's
-data metadata (``PREFIX.json``) records, each verified first (``anneal.hf.tokenizer_files``): a
-file that is not what its name says is not copied, and is named in ``Export.refused``; when no tokenizer
-is recorded to copy (anneal's byte tokenizer, or no metadata), ``Export.no_tokenizer`` says why. Every
+``max_shard_bytes`` with ``model.safetensors.index.json``) and the run's tokenizer
+(``anneal.hf.tokenizer_files.run_tokenizer``): the files that the data's metadata (``PREFIX.json``)
+records, each verified first (a file that is not what its name says is not copied, and is named in
+``Export.refused``), or, for a run on anneal's byte tokenizer, a byte-level ``tokenizer.json`` written
+anew; when the run has neither, ``Export.no_tokenizer`` says why. Every
 file gets the mode the umask gives (safetensors alone creates 0600). The model tensors are read
 with DCP in this one process through the restricted reader, one output shard at a time, so memory
 holds one shard, whatever the layout the checkpoint was saved in (DCP reshards to whole tensors).
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from anneal.config.model import ModelConfig
 from anneal.errors import ConfigError
 from anneal.hf.importer import INDEX_FILE, SINGLE_FILE
 from anneal.hf.mapping import DTYPE_NAMES, hf_config, to_hf_name
-from anneal.hf.tokenizer_files import TokenizerCopy, verified_tokenizer
+from anneal.hf.tokenizer_files import run_tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -54,23 +54,52 @@ def parse_size(text: str) -> int:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int) -> Export:
     """Write the Hugging Face directory ``out`` from ``checkpoint`` (an ``iter_*`` or a save directory)."""
-    path = _resolve(Path(checkpoint))
-    files.verify(path)  # every file against the manifest: a damaged checkpoint is refused, naming the file
-    run_config = _run_config(path)
-    cfg = ModelConfig(**{k: v for k, v in run_config["model"].items() if k != "_target_"})
-    shapes = _model_tensors(path, cfg)
+    stored = open_checkpoint(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:  # a previous export's weights
         stale.unlink(missing_ok=True)
-    written = _write_weights(path, out, shapes, max_shard_bytes)
-    dtype = DTYPE_NAMES[str(next(iter(shapes.values()))[1])]
-    recorded, tokenizer, ids = _recorded_tokenizer(run_config, cfg.vocab_size)
-    (out / "config.json").write_text(json.dumps({**hf_config(cfg, dtype), **ids}, indent=2) + "\n")
+    written = _write_weights(stored, out, max_shard_bytes)
+    dtype = DTYPE_NAMES[str(next(iter(stored.tensors.values()))[1])]
+    tokenizer = run_tokenizer(stored.config.get("dataset"), stored.model.vocab_size)
+    ids = tokenizer.ids
+    (out / "config.json").write_text(json.dumps({**hf_config(stored.model, dtype), **ids}, indent=2) + "\n")
     generation = {"_from_model_config": True, **ids}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return Export(written + _copy_tokenizer(tokenizer, out), tokenizer.refused, _why_no_tokenizer(recorded),
+    return Export(written + tokenizer.write(out), tokenizer.copy.refused, tokenizer.missing,
                   [out / "config.json", out / "generation_config.json"])
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A verified checkpoint: its ``iter_*`` directory, its run's config.yaml, model and stored tensors."""
+
+    path: Path
+    config: dict[str, Any]
+    model: ModelConfig
+    tensors: dict[str, tuple[torch.Size, torch.dtype]]  # anneal name -> (shape, dtype), parameters' order
+
+
+def open_checkpoint(checkpoint: str | Path) -> StoredRun:
+    """``checkpoint`` (an ``iter_*`` or a save directory) verified against its manifest, with the model its
+    config.yaml records and the shapes its tensors must have; ConfigError naming what is wrong."""
+    path = _resolve(Path(checkpoint))
+    files.verify(path)  # every file against the manifest: a damaged checkpoint is refused, naming the file
+    run_config = _run_config(path)
+    cfg = ModelConfig(**{k: v for k, v in run_config["model"].items() if k != "_target_"})
+    return StoredRun(path, run_config, cfg, _model_tensors(path, cfg))
+
+
+def read_tensors(stored: StoredRun, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model tensors ``names`` (anneal names), whole, in their stored dtype, read with DCP in this
+    one process (whatever layout the checkpoint was saved in) through the restricted reader."""
+    import torch.distributed.checkpoint as dcp
+
+    target = {name: torch.empty(stored.tensors[name][0], dtype=stored.tensors[name][1]) for name in names}
+    with warnings.catch_warnings():  # DCP warns that one process "assumes the intent": it is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": target}, storage_reader=SafeFileSystemReader(str(stored.path)))
+    return target
 
 
 def _resolve(checkpoint: Path) -> Path:
@@ -130,12 +159,11 @@ def _plan_shards(shapes: dict[str, tuple[torch.Size, torch.dtype]], max_bytes: i
     return shards
 
 
-def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[Path]:
-    import torch.distributed.checkpoint as dcp
+def _write_weights(stored: StoredRun, out: Path, max_bytes: int) -> list[Path]:
     from safetensors.torch import save_file
 
     mode = 0o666 & ~_umask()  # safetensors creates its files 0600: give them the mode every other file gets
-    shards = _plan_shards(shapes, max_bytes)
+    shards = _plan_shards(stored.tensors, max_bytes)
     names = (
         [SINGLE_FILE]
         if len(shards) == 1
@@ -143,11 +171,7 @@ def _write_weights(path: Path, out: Path, shapes: dict, max_bytes: int) -> list[
     )
     weight_map, total = {}, 0
     for file, shard in zip(names, shards):
-        target = {name: torch.empty(shapes[name][0], dtype=shapes[name][1]) for name in shard}
-        with warnings.catch_warnings():  # DCP warns that one process "assumes the intent": it is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": target}, storage_reader=SafeFileSystemReader(str(path)))
-        tensors = {to_hf_name(name): tensor for name, tensor in target.items()}
+        tensors = {to_hf_name(name): tensor for name, tensor in read_tensors(stored, shard).items()}
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         os.chmod(out / file, mode)
         weight_map.update(dict.fromkeys(tensors, file))
@@ -162,38 +186,3 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask sets it: put it back at once
     os.umask(mask)
     return mask
-
-
-def _recorded_tokenizer(run_config: dict[str, Any], vocab_size: int) -> tuple[dict | None, TokenizerCopy,
-                                                                              dict[str, int]]:
-    """The tokenizer the data's metadata records (the first prefix that has one), its verified files,
-    and its special-token ids where they are token ids of this model."""
-    from anneal.data.metadata import read_tokenizer
-
-    dataset = run_config.get("dataset") or {}
-    prefixes = dataset.get("data_path") or []
-    recorded = [t for t in (read_tokenizer(str(p), "dataset.data_path") for p in prefixes) if t]
-    if not recorded:
-        return None, TokenizerCopy(), {}
-    names = {"bos_token_id": recorded[0].get("bos_id"), "eos_token_id": recorded[0].get("eod_id")}
-    ids = {k: v for k, v in names.items() if type(v) is int and 0 <= v < vocab_size}
-    return recorded[0], verified_tokenizer(recorded[0]), ids
-
-
-def _why_no_tokenizer(recorded: dict | None) -> str:
-    """Why the export holds no tokenizer ("" when one was recorded with a file to copy)."""
-    if recorded is None:
-        return ("the run's data records no tokenizer (no dataset.data_path with a PREFIX.json): "
-                "generated ids cannot be decoded from this directory alone")
-    if not recorded.get("path"):
-        eod = recorded.get("eod_id")
-        return (f"the run's data uses anneal's byte tokenizer (ids 0-255 are UTF-8 bytes, {eod} ends a "
-                "document), which has no tokenizer file: decode generated ids with "
-                "bytes(i for i in ids if i < 256).decode('utf-8', 'replace')")
-    return ""
-
-
-def _copy_tokenizer(tokenizer: TokenizerCopy, out: Path) -> list[Path]:
-    for source, name in tokenizer.files:
-        shutil.copyfile(source, out / name)
-    return [out / name for _, name in tokenizer.files]

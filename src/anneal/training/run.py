@@ -31,6 +31,7 @@ from anneal.parallelize import build_parallel_model
 from anneal.planner import precision as precision_of
 from anneal.resume import ResumePlan, plan_resume, write_lineage
 from anneal.training.distributed import init_distributed, set_matmul_precision, shutdown
+from anneal.training.downstream import DownstreamEvals
 from anneal.training.metrics import MetricsLogger, Throughput, continued_wandb_run, peak_flops
 from anneal.training.peers import PeerMonitor, is_lost_peer, transport_cause
 from anneal.training.profiling import ProfilerWindow
@@ -67,11 +68,12 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
     plan = plan_resume(cfg, derived)
     data = build_data(cfg.dataset, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
                       schedule=plan.derived.schedule)
+    downstream = DownstreamEvals.for_run(cfg)  # its tokenizer and tasks, found before anything is started
     lock = _lock_save_dir(cfg)  # a second run on the same save directory is refused here
     ctx = init_distributed(cfg.dist, layout)
     stage = Stage()
     try:
-        return _build_and_train(cfg, plan, ctx, data, stage)
+        return _build_and_train(cfg, plan, ctx, data, stage, downstream)
     except RuntimeError as error:  # a collective that timed out becomes one line naming the stage
         raise stage.explain(error, ctx, cfg.dist.timeout_minutes) from error
     finally:
@@ -81,7 +83,8 @@ def run(cfg: ConfigContainer, derived: Derived) -> int:
         shutdown(ctx)
 
 
-def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, data: RunData, stage: Stage) -> int:
+def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, data: RunData, stage: Stage,
+                     downstream: DownstreamEvals | None) -> int:
     stage.now = "building the model and optimizer"
     torch.manual_seed(cfg.rng.seed)  # the same initial weights on every rank
     _say(f"anneal: building the model ({num_parameters(cfg.model) / 1e6:.2f}M parameters on {ctx.device}) "
@@ -127,7 +130,9 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
                                    reset_attention_mask=cfg.dataset.reset_attention_mask,
                                    eod_mask_loss=cfg.dataset.eod_mask_loss)
     parts = LoopParts(model, optimizer, scheduler, data.train, data.valid, derived.ramp, checkpointer=checkpointer,
-                      throughput=throughput, profiler=profiler, documents=documents)
+                      throughput=throughput, profiler=profiler, documents=documents, downstream=downstream)
+    if downstream is not None:
+        metrics.info(f"anneal: {cfg.downstream_eval.describe()}")
     trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,
                       log_interval=cfg.logger.log_interval, state=state,
                       grad_sync_each_microbatch=cfg.dist.fsdp_grad_sync_each_microbatch)

@@ -256,7 +256,7 @@ class Trainer:
             self.p.scheduler.observe(losses["valid_loss"])
 
     def _log_downstream(self) -> None:
-        results = self.p.downstream.run(self.p.model)
+        results = self.p.downstream.run(self.p.model, self.ctx.parallel.dp_group)
         self.metrics.log({"iteration": self.state.iteration, "consumed_samples": self.state.consumed_samples,
                           **results})
 
