@@ -1,6 +1,6 @@
 """PyTorch's engine through the real entry point under torchrun (gloo, CPU): FSDP2, HSDP, TP, TP × FSDP2.
 
-Every layout trains the same 10 iterations as one native process: losses within 1e-5 relative, the
+Every layout trains the same 10 iterations as one native process, with Megatron's document flags on: losses within 1e-5 relative, the
 lr and wd of every iteration equal to the planned schedule bit for bit. Checkpoints move across
 layouts (FSDP2 2 -> 1 process -> FSDP2 2, TP 2 -> data parallel 2) and a SIGKILL-resume within a
 layout is bit-identical. The runs are few and small (two layers, 64 tokens): CI runs them all.
@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 RUN = ["model.num_layers=2", "model.seq_length=64", "train.train_iters=10", "train.global_batch_size=8",
        "train.micro_batch_size=2", "scheduler.lr_warmup_iters=2", "logger.log_interval=1",
-       "train.eval_interval=null", "logger.plot_schedule=false", "dataset=mock", "checkpoint.save_interval=5"]
+       "train.eval_interval=null", "logger.plot_schedule=false", "dataset=mock", "checkpoint.save_interval=5",
+       # documents end inside windows: every layout splits attention and positions at them, and sums the
+       # counted tokens of its global batch over its data-parallel ranks (the per-token loss)
+       "dataset.reset_position_ids=true", "dataset.reset_attention_mask=true", "dataset.eod_mask_loss=true"]
 FSDP2 = ["dist.use_torch_fsdp2=true"]
 ITERATIONS = list(range(1, 11))
 
