@@ -32,3 +32,11 @@ def console_logging() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LogFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M': a count of tokens or samples at a glance (the dry run, compare_runs)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.4g}"

@@ -203,3 +203,15 @@ def test_reads_the_run_directories_the_launcher_writes(tmp_path) -> None:
     assert rows["b2"]["from"] == "branch of parent at 2" and rows["b2"]["iteration"] == "3"
     assert {"train loss", "valid_loss"} <= set(rows["b2"]) and (tmp_path / "c.png").stat().st_size > 10_000
     assert ROOT.joinpath("scripts", "compare_runs.py").is_file()
+
+
+def test_the_default_smoothing_is_narrower_for_short_runs(tmp_path, capsys) -> None:
+    """A trailing mean of 10 logged values lags a short run's falling loss: a twentieth of the longest run's."""
+    from anneal.cli.compare_runs import DEFAULT_SMOOTH, Run, Series, auto_smooth
+
+    def run(logged: int) -> Run:
+        series = Series(tuple(range(logged)), tuple(float(i) for i in range(logged)), (1.0,) * logged)
+        return Run("r", tmp_path, {"loss": series}, logged, float(logged), 1)
+
+    assert auto_smooth([run(24)]) == 1 and auto_smooth([run(24), run(100)]) == 5
+    assert auto_smooth([run(5000)]) == DEFAULT_SMOOTH

@@ -36,11 +36,12 @@ from pathlib import Path
 
 from anneal import exits
 from anneal.errors import ConfigError
+from anneal.log_format import human
 
 TRAIN = "loss"
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "bits_per_byte", "bpb")  # in an eval metric's name
 NO_BEST = ("stderr",)  # columns that are not scores
-DEFAULT_SMOOTH = 10
+DEFAULT_SMOOTH = 10  # at most; a short run gets fewer (auto_smooth)
 PANEL_COLUMNS = 3
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.runs:
             raise ConfigError("no run directory given: compare_runs.py RUN_DIR [RUN_DIR ...]")
-        if args.smooth < 1:
+        if args.smooth is not None and args.smooth < 1:
             raise ConfigError(f"--smooth ({args.smooth}) must be >= 1 (1: raw values)")
         paths = [Path(run) for run in args.runs]
         labels = default_labels(paths) if args.labels is None else args.labels.split(",")
@@ -86,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         exits.report(error)
         return exits.CONFIG
-    print(table(runs, keys, args.smooth))
-    png = plot_runs(runs, keys, Path(args.output), args.smooth)
+    smooth = args.smooth if args.smooth is not None else auto_smooth(runs)
+    print(table(runs, keys, smooth))
+    png = plot_runs(runs, keys, Path(args.output), smooth)
     print(f"wrote {png.resolve()} ({_count(len(runs), 'run')}, {_count(len(keys), 'panel')})")
     return exits.OK
 
@@ -102,10 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", help="comma-separated, one per RUN_DIR (default: the directories' names)")
     parser.add_argument("--metrics", help="comma-separated keys or patterns to draw, e.g. "
                         "loss,valid_loss*,eval/* (default: every key any run logged)")
-    parser.add_argument("--smooth", type=int, default=DEFAULT_SMOOTH,
+    parser.add_argument("--smooth", type=int, default=None,
                         help="train loss: the trailing mean of this many logged values, drawn and tabulated "
-                        f"(default {DEFAULT_SMOOTH}; 1: raw)")
+                        f"(default: {DEFAULT_SMOOTH}, fewer for short runs; 1: raw)")
     return parser
+
+
+def auto_smooth(runs: Sequence[Run]) -> int:
+    """``DEFAULT_SMOOTH`` logged values, but no more than a twentieth of the longest run's: early in a run the
+    loss falls faster than a wide trailing mean can follow (it would lag the raw values by a whole unit)."""
+    longest = max(len(run.series[TRAIN].values) if TRAIN in run.series else 0 for run in runs)
+    return max(1, min(DEFAULT_SMOOTH, longest // 20))
 
 
 def default_labels(paths: Sequence[Path]) -> list[str]:
@@ -359,7 +368,7 @@ def plot_runs(runs: Sequence[Run], keys: Sequence[str], path: Path, smooth: int)
         arrow = "↓" if lower_is_better(key) else "↑"
         name = key if key != TRAIN else f"train loss (mean of {smooth})" if smooth > 1 else "train loss"
         ax.set_title(f"{name}  ({arrow} better)", fontsize=10)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _tokens(x)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(x)))
         ax.set_xlabel("tokens", fontsize=9)
         ax.grid(alpha=0.3, lw=0.5)
         _clip_start(ax, runs, key)
@@ -408,15 +417,7 @@ def _legend(run: Run, runs: Sequence[Run]) -> str:
         return f"{run.label} ({run.final_iteration:,} iterations)"
     parent = parent_of(run, runs)
     return (f"{run.label}: branch {f'of {parent.label} ' if parent else ''}at iteration {run.branch.iteration:,} "
-            f"({_tokens(run.branch.tokens)} tokens), to {run.final_iteration:,}")
-
-
-def _tokens(tokens: float) -> str:
-    """``2.1B``, ``640M``, ``5.12k``: a tick or a legend's token count."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(tokens) >= scale:
-            return f"{tokens / scale:.3g}{unit}"
-    return f"{tokens:.0f}"
+            f"({human(run.branch.tokens)} tokens), to {run.final_iteration:,}")
 
 
 def _count(n: int, noun: str) -> str:

@@ -15,16 +15,9 @@ from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.config.torch_scheduler import TorchSchedule
 from anneal.errors import ConfigError
+from anneal.log_format import human
 
 DEFAULT_DATA_PARALLEL_SHARDS = (1, 8, 64)
-
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:.4g}"
 
 
 def schedule_table(cfg: ConfigContainer, derived: Derived) -> str:
