@@ -174,9 +174,6 @@ class DownstreamEvalConfig:
     def validate(self) -> None:
         if any(not isinstance(task, str) or not task.strip() for task in self.tasks):
             raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) must be lm-eval task names")
-        if self.include_path is not None and not os.path.isdir(self.include_path):
-            raise ConfigError(f"downstream_eval.include_path ({self.include_path!r}) must be a directory of "
-                              "lm-eval task YAMLs")
         if self.tasks and importlib.util.find_spec("lm_eval") is None:  # found without importing it
             raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) needs lm-evaluation-harness: "
                               "pip install 'anneal[eval]'")
