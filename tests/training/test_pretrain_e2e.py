@@ -147,7 +147,8 @@ def test_start_up_names_each_build_step_and_the_eta_shows_at_iteration_3(resumed
     starts = [line.split(" (")[0] for line in lines if line.startswith("anneal: ")]
     assert starts[:3] == ["anneal: config valid; importing torch", "anneal: building the data",
                           "anneal: building the model"]
-    assert "parameters, 1 rank(s) on cpu" in starts[3]  # the banner, once everything is built
+    assert starts[3] == "anneal: attention: SDPA flash, causal"  # the kernel picked for the device and dtype
+    assert "parameters, 1 rank(s) on cpu" in starts[4]  # the banner, once everything is built
     eta = next(line for line in lines if "ETA" in line)
     assert eta.startswith("[ 3/12  25%] | ") and "s per iteration" in eta  # log_interval 10: before iteration 10
 

@@ -116,7 +116,7 @@ def test_plateau_halves_the_lr_after_a_stalled_evaluation(runs: dict) -> None:
     lrs = {it: r["lr"] for it, r in runs["plateau"]["straight"].items()}
     evaluations = [json.loads(line) for line in (runs["plateau"]["dir"] / "metrics.jsonl")
                    .read_text().splitlines() if "valid_loss" in line]
-    assert [e["iteration"] for e in evaluations] == [3, 6]
+    assert [e["iteration"] for e in evaluations] == [3, 6, 8]  # and the final one, which steps nothing
     assert lrs[3] == lrs[4] == lrs[5] == lrs[6]  # warmup over; the evaluation at 3 sets the best loss
     assert lrs[7] == lrs[6] * 0.5 == lrs[8]  # the one at 6 did not halve the loss: the lr is halved
     assert (runs["plateau"]["dir"] / "schedule.png").stat().st_size > 10_000
