@@ -13,7 +13,7 @@ from anneal_testing import ROOT
 
 CPU_ROWS = ["native ZeRO-1 fp32 eager", "native ZeRO-1 fp32 aot_eager", "FSDP2 fp32 eager", "FSDP2 fp32 aot_eager",
             "bf16 forward under sdpa_kernel(FLASH_ATTENTION)", "fp32 step: matmul precision and SDPA kernel",
-            "checkpoint round trip"]
+            "packed documents vs one by one (fp32)", "checkpoint round trip"]
 CUDA_ROWS = ["CPU-written checkpoint resumed on the GPU", "Apex DistributedFusedAdam vs native"]
 
 
@@ -32,6 +32,7 @@ def test_the_gpu_check_runs_its_cpu_rows_and_names_the_rest(tmp_path: Path) -> N
                     rows["FSDP2 fp32 eager"][1])
     assert rows["checkpoint round trip"][1] == "iterations 5-8 bit-identical to the straight run"
     assert rows["fp32 step: matmul precision and SDPA kernel"][1].endswith("math kernel not run")
+    assert rows["packed documents vs one by one (fp32)"][1].startswith("sdpa+mask; loss ")
 
 
 def _rows(stdout: str) -> dict[str, tuple[str, str]]:

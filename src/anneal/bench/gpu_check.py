@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                   GPU_MODEL if cuda else ["model.num_layers=2"], ["optimizer.bf16=true"] if cuda else [],
                   "inductor" if cuda else "aot_eager")
     print(f"gpu_check: {_device_name(setup.device)}; runs under {setup.out}", flush=True)
-    checks: list[Callable[[Setup], list[Row]]] = [training_rows, flash_row, fp32_row, checkpoint_rows, apex_row]
+    checks: list[Callable[[Setup], list[Row]]] = [training_rows, flash_row, fp32_row, documents_row, checkpoint_rows,
+                                                  apex_row]
     if args.suite if args.suite is not None else cuda:
         checks.append(suite_rows)
     rows = []
@@ -187,6 +188,39 @@ def fp32_row(s: Setup) -> list[Row]:
     return [Row("fp32 step: matmul precision and SDPA kernel", "pass" if ok else "FAIL",
                 f"precision {precision!r}; SDPA ops {', '.join(sdpa) or 'none'}; math kernel "
                 f"{'RAN' if math else 'not run'}")]
+
+
+def documents_row(s: Setup) -> list[Row]:
+    """A packed window with Megatron's three document flags against its documents run one by one, in fp32:
+    the loss and the gradients (flex_attention and its compiled block mask on CUDA, SDPA with a mask on CPU)."""
+    import torch
+
+    from anneal.devices import document_attention_kernel
+    from anneal.model.documents import DocumentBoundaries
+    from anneal.model.loss import IGNORE_INDEX
+
+    model, tokens = _model_and_tokens(s, torch.float32)
+    eod, seq = model.cfg.vocab_size - 1, tokens.shape[1] - 1
+    ends = [seq // 8, seq // 3, seq // 3 + 1, 2 * seq // 3]  # EOD inputs: four documents and a cut one
+    tokens[0, ends] = eod
+    packed = model(**DocumentBoundaries(eod, True, True, True).inputs(tokens), reduction="sum")
+    packed.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    alone, start = torch.zeros((), device=s.device), 0
+    for end in [e + 1 for e in ends] + [seq]:  # each document from position 0, its EOD's label not counted
+        labels = tokens[:, start + 1:end + 1].clone()
+        if end - 1 in ends:
+            labels[0, -1] = IGNORE_INDEX
+        alone = alone + model(tokens[:, start:end], labels=labels, reduction="sum")
+        start = end
+    alone.backward()
+    loss_error = ((packed - alone).abs() / alone.abs()).item()
+    grad_error = max(((g - p.grad).norm() / p.grad.norm()).item() for g, p in zip(grads, model.parameters()))
+    ok = loss_error < 1e-5 and grad_error < 1e-4
+    kernel = document_attention_kernel("fp32", s.device)
+    return [Row("packed documents vs one by one (fp32)", "pass" if ok else "FAIL",
+                f"{kernel}; loss {loss_error:.1e} (< 1e-05), gradients {grad_error:.1e} (< 1e-04) relative")]
 
 
 def _model_and_tokens(s: Setup, dtype):
