@@ -29,12 +29,14 @@ def test_importing_the_harness_imports_neither_lm_eval_transformers_nor_torch() 
     assert out.strip() == "[]"
 
 
-def test_without_lm_eval_the_error_names_the_field_and_the_extra(monkeypatch) -> None:
+@pytest.mark.parametrize("module", ["lm_eval", "transformers"])
+def test_without_lm_eval_or_transformers_the_error_names_the_field_and_the_extra(monkeypatch, module) -> None:
     from anneal.evals.harness import run_downstream
 
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
-    with pytest.raises(ConfigError, match=r"^downstream_eval\.tasks \(\['my_mc'\]\) needs "
-                                          r"lm-evaluation-harness: pip install 'anneal\[eval\]'"):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"^downstream_eval\.tasks \(\['my_mc'\]\) needs lm-evaluation-harness "
+                                          rf"and transformers \({module} not installed\): pip install "
+                                          r"'anneal\[eval\]'"):
         run_downstream(None, None, tasks=["my_mc"], include_path=None, limit=None, max_length=32)
 
 

@@ -13,6 +13,7 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+EVAL_MODULES = ("lm_eval", "transformers")  # what downstream_eval.tasks imports (the anneal[eval] extra)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class DownstreamEvalConfig:
     def validate(self) -> None:
         if any(not isinstance(task, str) or not task.strip() for task in self.tasks):
             raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) must be lm-eval task names")
-        if self.tasks and importlib.util.find_spec("lm_eval") is None:  # found without importing it
-            raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) needs lm-evaluation-harness: "
-                              "pip install 'anneal[eval]'")
+        missing = [name for name in EVAL_MODULES if importlib.util.find_spec(name) is None]  # none imported
+        if self.tasks and missing:
+            raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) needs lm-evaluation-harness and "
+                              f"transformers ({', '.join(missing)} not installed): pip install 'anneal[eval]'")

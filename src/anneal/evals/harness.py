@@ -154,12 +154,21 @@ def task_manager(tasks: tuple[str, ...], include_path: str | None, fields: tuple
 
 
 def require_lm_eval(tasks: Sequence[str], fields: tuple[str, str] = FIELDS) -> None:
-    """ConfigError naming ``fields[0]`` unless lm-evaluation-harness is installed."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"{fields[0]} ({list(tasks)!r}) needs lm-evaluation-harness: "
-                          "pip install 'anneal[eval]'") from None
+    """ConfigError naming ``fields[0]`` unless lm-evaluation-harness and transformers (the exported tokenizer
+    scores the text) are installed: both come with ``anneal[eval]``."""
+    import importlib
+
+    from anneal.config.runtime import EVAL_MODULES
+
+    missing = []
+    for name in EVAL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"{fields[0]} ({list(tasks)!r}) needs lm-evaluation-harness and transformers "
+                          f"({', '.join(missing)} not installed): pip install 'anneal[eval]'")
 
 
 @contextlib.contextmanager
