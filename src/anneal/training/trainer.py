@@ -36,8 +36,8 @@ from anneal.config.batch import BatchRamp
 from anneal.config.training import TrainingConfig
 from anneal.context import DistContext, TrainState
 from anneal.data.loader import Microbatches, device_copy
-from anneal.model.documents import DocumentBoundaries
 from anneal.faults import fault_iteration, kill_self, stop_self
+from anneal.model.documents import DocumentBoundaries
 from anneal.scheduler.protocol import ParamScheduler
 from anneal.training.distributed import all_reduce_mean
 from anneal.training.evaluation import Validation
