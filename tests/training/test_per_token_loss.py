@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from anneal.config.batch import BatchRamp
@@ -101,22 +102,29 @@ def _reference(model, rows: np.ndarray, documents: DocumentBoundaries) -> tuple[
     return loss.item(), _grads(model)
 
 
-def test_microbatches_of_different_counts_give_the_global_batch_per_token_gradient() -> None:
+# Measured against the same dtype's global-batch reference: fp32 1.2e-7, bf16 2.1e-3, fp16 2.7e-4; the mean
+# of microbatch means is 0.30 off in every dtype.
+LOW_PRECISION = {torch.float32: TOLERANCE, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=["fp32", "bf16", "fp16"])
+def test_microbatches_of_different_counts_give_the_global_batch_per_token_gradient(dtype) -> None:
     torch.manual_seed(0)
-    model = build_model(MODEL)
+    model = build_model(MODEL, dtype=dtype)
     documents = DocumentBoundaries(EOD, eod_mask_loss=True)
     rows = _windows(1, [10, 12, 0, 1])  # microbatch 0 counts 21 fewer tokens than microbatch 1
     expected_loss, expected = _reference(model, rows, documents)
+    tolerance = LOW_PRECISION[dtype]
 
     trainer = _trainer(model, rows, documents, ParallelDims(world_size=1, rank=0, dp_size=1, dp_rank=0), gbs=4, mbs=2)
     loss, _ = trainer.train_step()
-    assert _relative_error(_grads(model), expected) < TOLERANCE
-    assert abs(loss.item() - expected_loss) < TOLERANCE * expected_loss
+    assert _relative_error(_grads(model), expected) < tolerance
+    assert abs(loss.item() - expected_loss) < tolerance * expected_loss
 
     model.zero_grad(set_to_none=True)  # what the loop computed before: the mean of the microbatch means
     for half in (rows[:2], rows[2:]):
         (model(**documents.inputs(torch.from_numpy(half))) / 2).backward()
-    assert _relative_error(_grads(model), expected) > 1000 * TOLERANCE  # the test tells the two apart
+    assert _relative_error(_grads(model), expected) > 10 * tolerance  # the test tells the two apart
 
 
 def test_without_masking_the_loss_is_the_mean_of_microbatch_means_as_before() -> None:
