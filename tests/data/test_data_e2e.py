@@ -81,7 +81,7 @@ def test_validation_reports_each_blend_component_and_the_named_set(single_run: d
         losses = {k: v for k, v in record.items() if k.startswith("valid_loss")}
         assert sorted(losses) == ["valid_loss", "valid_loss/code", "valid_loss/hq", "valid_loss/prose"]
         assert all(math.isfinite(v) for v in losses.values())
-        # the blend's loss is its components' means weighted by their tokens: between the two
+        # the blend's loss pools its components' tokens, so it lies between their means
         low, high = sorted((losses["valid_loss/code"], losses["valid_loss/prose"]))
         assert low <= losses["valid_loss"] <= high
 

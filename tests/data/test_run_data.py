@@ -12,6 +12,7 @@ from anneal.config.dataset import DatasetConfig
 from anneal.data.datasets import build_data, build_datasets
 from anneal.data.indexed import IndexedDatasetWriter
 from anneal.data.metadata import write_metadata
+from anneal.data.metadata import check_tokenizers
 from anneal.data.sources import check_indexed
 from anneal.data.tokenizer import ByteTokenizer
 from anneal.data.windows import windows_in
@@ -130,9 +131,11 @@ def test_eod_of_each_kind(prefixes: list[str], tmp_path: Path) -> None:
     for prefix in bare:
         write_metadata(prefix, tokenizer=ByteTokenizer().describe(), stats={})
     cfg = DatasetConfig(kind="indexed", data_path=[1, bare[0], 1, bare[1]])
-    assert cfg.known_eod(257) == 256 and _build(cfg, vocab_size=257).eod == 256
+    assert _build(cfg, vocab_size=257).eod == 256
     mixed = DatasetConfig(kind="indexed", data_path=[1, bare[0], 1, prefixes[2]])
-    assert mixed.known_eod(VOCAB) is None  # one prefix records none: its documents' ends are unknown
+    recorded = check_tokenizers(mixed.prefixes(), VOCAB)
+    assert recorded.eod is None  # one prefix records none: its documents' ends are unknown
+    assert recorded.without_eod == ("dataset.data_path[3]", prefixes[2])
 
 
 def test_prefixes_recording_different_eods_are_refused(tmp_path: Path) -> None:

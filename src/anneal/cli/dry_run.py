@@ -14,6 +14,7 @@ from anneal.config.compose import to_yaml
 from anneal.config.container import ConfigContainer
 from anneal.config.derive import Derived
 from anneal.config.torch_scheduler import TorchSchedule
+from anneal.data.spec import valid_keys
 from anneal.errors import ConfigError
 from anneal.log_format import human
 
@@ -70,8 +71,6 @@ def validation_lines(cfg: ConfigContainer) -> list[str]:
     split, then ``dataset.extra_valid_data_path``'s sets). Evaluation k, at iteration k × eval_interval, reads
     each set's samples [(k - 1) · eval_iters · gbs, k · eval_iters · gbs), into reshuffled epochs when the set
     is shorter (Megatron's validation iterator); the end of training adds one more."""
-    from anneal.data.spec import valid_keys
-
     t, seq = cfg.train, cfg.model.seq_length
     if not t.eval_interval or not t.eval_iters:
         return ["validation: off (train.eval_interval is null or train.eval_iters is 0)"]

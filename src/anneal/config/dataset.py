@@ -82,10 +82,6 @@ class DatasetConfig:
         """The largest token id the data can hold, when known without reading it (stdlib only)."""
         return spec.BYTE_EOD if self.kind == "stdlib" else None
 
-    def known_eod(self, vocab_size: int) -> int | None:
-        """The data's end-of-document id (``anneal.data.spec.known_eod``); None when unknown."""
-        return spec.known_eod(self, vocab_size)
-
     def check_against(self, vocab_size: int, lr_decay_style: str | None, *,
                       eval_interval: int | None) -> None:
         """Rules across sections: the recorded tokenizers fit ``model.vocab_size``, an anneal blend has
@@ -97,8 +93,8 @@ class DatasetConfig:
                      or self.kind != "indexed" else "dataset.valid_data_path is empty")
             raise ConfigError(f"train.eval_interval ({eval_interval}) needs validation data, but {where}; "
                               "give it some, or set train.eval_interval=null")
-        check_tokenizers(self.prefixes(), vocab_size)  # reads each prefix's small .json sidecar, if any
-        spec.check_document_fields(self, vocab_size)
+        recorded = check_tokenizers(self.prefixes(), vocab_size)  # reads each prefix's small .json sidecar
+        spec.check_document_fields(self, vocab_size, recorded)
 
     def prefixes(self) -> list[tuple[str, str]]:
         """Every ``(dotted field, prefix)`` pair in the path fields, the extra validation sets' included."""

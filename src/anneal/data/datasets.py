@@ -21,7 +21,7 @@ import numpy as np
 from anneal.data import spec
 from anneal.data.blend import anneal_start_sample
 from anneal.data.builtin import build_builtin
-from anneal.data.sources import build_indexed
+from anneal.data.sources import build_indexed, check_indexed
 from anneal.data.windows import no_windows
 from anneal.errors import ConfigError
 
@@ -58,7 +58,7 @@ def build_data(cfg, *, seq_length: int, vocab_size: int, schedule) -> RunData:
     or a document-boundary field is set without a known end-of-document id.
     """
     eod = _checked(cfg, seq_length=seq_length, vocab_size=vocab_size)
-    train, valid, held_out = _build(cfg, seq_length, vocab_size, anneal_start_sample(schedule), eod)
+    train, valid, held_out = _build(cfg, seq_length, vocab_size, anneal_start_sample(schedule))
     keys = dict(spec.valid_keys(cfg))
     sets = [ValidSet(spec.VALID_KEY, valid, keys[spec.VALID_KEY])] if spec.VALID_KEY in keys else []
     for name, data in held_out.items():
@@ -73,26 +73,26 @@ def build_datasets(cfg, *, seq_length: int, vocab_size: int, anneal_start: int |
 
     ``anneal_start``: the sample where the WSD anneal starts, from which ``dataset.anneal_data_path`` is read.
     """
-    eod = _checked(cfg, seq_length=seq_length, vocab_size=vocab_size)
-    train, valid, _ = _build(cfg, seq_length, vocab_size, anneal_start, eod)
+    _checked(cfg, seq_length=seq_length, vocab_size=vocab_size)
+    train, valid, _ = _build(cfg, seq_length, vocab_size, anneal_start)
     return train, valid
 
 
 def _checked(cfg, *, seq_length: int, vocab_size: int) -> int | None:
-    """Refuse what cannot be built, before anything is read; the data's end-of-document id."""
+    """Refuse what cannot be built, before a token is read (indexed data: ``check_indexed``, what the dry
+    run checks, each sidecar and header read once); the data's end-of-document id."""
     cfg.validate()
     if seq_length < 1:
         raise ConfigError(f"model.seq_length ({seq_length}) must be >= 1")
-    spec.check_document_fields(cfg, vocab_size)
-    return spec.known_eod(cfg, vocab_size)
+    recorded = check_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size)
+    return spec.check_document_fields(cfg, vocab_size, recorded)
 
 
-def _build(cfg, seq_length: int, vocab_size: int, anneal_start: int | None, eod: int | None):
+def _build(cfg, seq_length: int, vocab_size: int, anneal_start: int | None):
     """``(train, main validation, {held-out name: data})``; the main one has no windows without a split."""
     if cfg.kind != "indexed":
         return (*build_builtin(cfg, seq_length=seq_length, vocab_size=vocab_size), {})
-    built = build_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size, anneal_start=anneal_start,
-                          eod=eod)
+    built = build_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size, anneal_start=anneal_start)
     valid = built.valid if built.valid is not None else no_windows(seq_length=seq_length, seed=cfg.seed,
                                                                    vocab_size=vocab_size)
     return built.train, valid, built.held_out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from anneal.errors import ConfigError
@@ -60,14 +61,28 @@ def read_tokenizer(prefix: str, field: str) -> dict | None:
     return tokenizer
 
 
-def check_tokenizers(prefixes: list[tuple[str, str]], vocab_size: int) -> None:
-    """Refuse a model vocabulary below a recorded tokenizer's, and a blend of different tokenizers.
+@dataclass(frozen=True)
+class Recorded:
+    """What the sidecars of a run's prefixes record in common (``check_tokenizers``)."""
 
-    ``prefixes`` holds ``(dotted field, prefix)`` pairs; prefixes without a sidecar are skipped.
+    eod: int | None  # the end-of-document id every prefix records; None when one records none
+    without_eod: tuple[str, str] | None  # the first ``(field, prefix)`` recording none (or no sidecar)
+
+
+def check_tokenizers(prefixes: list[tuple[str, str]], vocab_size: int) -> Recorded:
+    """Refuse a model vocabulary below a recorded tokenizer's, a blend of different tokenizers, and of
+    different end-of-document ids; return the id they share. Each sidecar is read once.
+
+    ``prefixes`` holds ``(dotted field, prefix)`` pairs; prefixes without a sidecar are skipped, but leave the
+    end-of-document id unknown (Megatron's own preprocessing records none).
     """
     first: tuple[str, str, dict] | None = None
+    first_eod: tuple[str, str, int] | None = None
+    without_eod: tuple[str, str] | None = None
     for field, prefix in prefixes:
         tokenizer = read_tokenizer(prefix, field)
+        if tokenizer is None or tokenizer.get("eod_id") is None:
+            without_eod = without_eod or (field, prefix)
         if tokenizer is None:
             continue
         needed = tokenizer["vocab_size"]
@@ -82,32 +97,16 @@ def check_tokenizers(prefixes: list[tuple[str, str]], vocab_size: int) -> None:
             raise ConfigError(f"{field} ({prefix!r}) was tokenized with {_describe(tokenizer)}, but "
                               f"{first[0]} ({first[1]!r}) with {_describe(first[2])}; one run needs one "
                               "tokenizer")
-
-
-def recorded_eod(prefixes: list[tuple[str, str]]) -> int | None:
-    """The end-of-document id every prefix's sidecar records; None when a prefix records none (no sidecar:
-    Megatron's own preprocessing), since its documents' ends are then unknown. ConfigError naming the field
-    when a recorded id is not a token id, or two prefixes record different ones."""
-    if not prefixes or missing_eod(prefixes) is not None:
-        return None
-    first: tuple[str, str, int] | None = None
-    for field, prefix in prefixes:
-        eod = _eod_id(field, prefix, read_tokenizer(prefix, field))
-        if first is None:
-            first = (field, prefix, eod)
-        elif eod != first[2]:
-            raise ConfigError(f"{field} ({prefix!r}) records end-of-document id {eod}, but {first[0]} "
-                              f"({first[1]!r}) records {first[2]}; one run needs one tokenizer")
-    return first[2] if first is not None else None
-
-
-def missing_eod(prefixes: list[tuple[str, str]]) -> tuple[str, str] | None:
-    """The first ``(field, prefix)`` whose sidecar records no end-of-document id (or that has no sidecar)."""
-    for field, prefix in prefixes:
-        tokenizer = read_tokenizer(prefix, field)
-        if tokenizer is None or tokenizer.get("eod_id") is None:
-            return field, prefix
-    return None
+        if tokenizer.get("eod_id") is None:
+            continue
+        eod = _eod_id(field, prefix, tokenizer)
+        if first_eod is None:
+            first_eod = (field, prefix, eod)
+        elif eod != first_eod[2]:
+            raise ConfigError(f"{field} ({prefix!r}) records end-of-document id {eod}, but {first_eod[0]} "
+                              f"({first_eod[1]!r}) records {first_eod[2]}; one run needs one tokenizer")
+    eod = first_eod[2] if first_eod is not None and without_eod is None else None
+    return Recorded(eod, without_eod)
 
 
 def _eod_id(field: str, prefix: str, tokenizer: dict) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from anneal.data import spec
 from anneal.data.blend import Blended, BlendIndex, Phased
-from anneal.data.metadata import check_tokenizers
+from anneal.data.metadata import Recorded, check_tokenizers
 from anneal.data.spec import Blend
 from anneal.data.windows import (SPLIT_NAMES, TokenStream, TokenWindows, open_prefix, prefix_header,
                                  split_bounds, windows_in)
@@ -83,15 +83,14 @@ def blend_index(seed: int, part: Part) -> BlendIndex:
     return BlendIndex(part.blend.weights or (1.0,), seed=(seed, part.split, *part.tag))
 
 
-def build_indexed(cfg, *, seq_length: int, vocab_size: int, anneal_start: int | None,
-                  eod: int | None = None) -> IndexedData:
-    """The datasets of an indexed ``cfg``; ConfigError naming the field of any bad prefix."""
-    check_indexed(cfg, seq_length=seq_length, vocab_size=vocab_size)  # what the dry run checks, first
+def build_indexed(cfg, *, seq_length: int, vocab_size: int, anneal_start: int | None) -> IndexedData:
+    """The datasets of an indexed ``cfg`` that ``check_indexed`` passed; ConfigError naming the field of a
+    prefix whose tokens do not fit the vocabulary."""
     opened: dict[str, TokenStream] = {}
 
     def build(part: Part):
         sources = _open_sources(part.blend, vocab_size, opened)
-        windows = [_windows(cfg, source, part, k, seq_length=seq_length, vocab_size=vocab_size, eod=eod)
+        windows = [_windows(cfg, source, part, k, seq_length=seq_length, vocab_size=vocab_size)
                    for k, source in enumerate(sources)]
         if len(windows) == 1 and part.phase != ANNEAL:
             return windows[0]
@@ -109,21 +108,24 @@ def build_indexed(cfg, *, seq_length: int, vocab_size: int, anneal_start: int | 
     return IndexedData(train, valid, held_out)
 
 
-def check_indexed(cfg, *, seq_length: int, vocab_size: int) -> None:
+def check_indexed(cfg, *, seq_length: int, vocab_size: int) -> Recorded | None:
     """What a run checks before it builds indexed data, from the files' headers alone (no token read), so the
     dry run (which calls it too) refuses what the run would: every prefix's ``.idx`` and ``.bin``, the
     recorded tokenizers against ``model.vocab_size`` and each other, and a window for each source and split.
-    Token ids above the vocabulary are found only by reading the tokens, when the run builds."""
+    Token ids above the vocabulary are found only by reading the tokens, when the run builds. Returns what
+    the sidecars record in common (``check_tokenizers``); None for the other kinds."""
     if cfg.kind != "indexed":
-        return
-    check_tokenizers(spec.prefixes(cfg), vocab_size)
+        return None
+    recorded = check_tokenizers(spec.prefixes(cfg), vocab_size)
     tokens: dict[str, int] = {}
     for field, prefix in spec.prefixes(cfg):
-        tokens.setdefault(prefix, prefix_header(field, prefix).num_tokens)
+        if prefix not in tokens:  # a prefix may be in several blends: its header is read once
+            tokens[prefix] = prefix_header(field, prefix).num_tokens
     built = parts(cfg)
     for part in built.values():  # train, valid, anneal, then the held-out sets: the order the build checks
         for label, prefixes in _source_prefixes(part.blend):
             _check_windows(cfg, label, sum(tokens[p] for p in prefixes), part, seq_length=seq_length)
+    return recorded
 
 
 def _source_prefixes(blend: Blend) -> list[tuple[str, tuple[str, ...]]]:
@@ -147,13 +149,12 @@ def _salt(part: Part, k: int) -> tuple[int, ...]:
     return () if part.blend.weights is None and part.phase == MAIN else (*part.tag, k)
 
 
-def _windows(cfg, source: Source, part: Part, k: int, *, seq_length: int, vocab_size: int,
-             eod: int | None) -> TokenWindows:
+def _windows(cfg, source: Source, part: Part, k: int, *, seq_length: int, vocab_size: int) -> TokenWindows:
     """``source``'s windows in ``part``'s split: its ``dataset.split`` share, or all of it."""
     bounds = _check_windows(cfg, source.label, len(source.stream), part, seq_length=seq_length)
     return TokenWindows(source.stream, start=bounds[part.split], stop=bounds[part.split + 1],
                         seq_length=seq_length, seed=cfg.seed, split=part.split, vocab_size=vocab_size,
-                        eod=eod, salt=_salt(part, k))
+                        eod=None, salt=_salt(part, k))
 
 
 def _check_windows(cfg, label: str, num_tokens: int, part: Part, *, seq_length: int) -> list[int]:

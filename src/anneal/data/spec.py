@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from anneal.data.metadata import metadata_path, missing_eod, recorded_eod
+from anneal.data.metadata import Recorded, metadata_path
 from anneal.errors import ConfigError
 
 # The byte tokenizer of the ``stdlib`` kind (and the preprocessor's default): bytes 0-255 plus one
@@ -167,25 +167,17 @@ def _has_main_valid(cfg) -> bool:
 
 # The end-of-document id -------------------------------------------------------------------------------
 
-def known_eod(cfg, vocab_size: int) -> int | None:
-    """The data's end-of-document id: the byte EOD (stdlib), ``vocab_size - 1`` (mock), or the ``eod_id``
-    every indexed prefix's sidecar records (None when one records none). Reads only the small sidecars."""
-    if cfg.kind == "stdlib":
-        return BYTE_EOD
-    if cfg.kind == "mock":
-        return vocab_size - 1
-    return recorded_eod(prefixes(cfg))
-
-
-def check_document_fields(cfg, vocab_size: int) -> None:
-    """``dataset.reset_position_ids`` / ``reset_attention_mask`` / ``eod_mask_loss`` find documents by the
-    end-of-document id, so each needs it known; ConfigError naming the field and the prefix without one, or
-    the two prefixes whose sidecars record different ids."""
-    eod = known_eod(cfg, vocab_size)  # first: prefixes recording different ids are refused either way
+def check_document_fields(cfg, vocab_size: int, recorded: Recorded | None) -> int | None:
+    """The data's end-of-document id, which ``dataset.reset_position_ids`` / ``reset_attention_mask`` /
+    ``eod_mask_loss`` find documents by: the byte EOD (stdlib), ``vocab_size - 1`` (mock), or the ``eod_id``
+    every indexed prefix's sidecar records (``recorded``: ``check_tokenizers``'s reading; None when one
+    records none). ConfigError naming the field and the prefix without one when one of them is set."""
+    builtin = {"stdlib": BYTE_EOD, "mock": vocab_size - 1}
+    eod = builtin[cfg.kind] if cfg.kind in builtin else recorded.eod if recorded is not None else None
     wanted = [name for name in DOCUMENT_FIELDS if getattr(cfg, name)]
     if not wanted or eod is not None:
-        return
-    field, prefix = missing_eod(prefixes(cfg)) or ("dataset.data_path", "?")
+        return eod
+    field, prefix = (recorded.without_eod if recorded is not None else None) or ("dataset.data_path", "?")
     raise ConfigError(f"dataset.{wanted[0]} (True) needs the data's end-of-document id, but {field} "
                       f"({prefix!r}) records none in {metadata_path(prefix)}; preprocess it with "
                       "scripts/preprocess_data.py")
