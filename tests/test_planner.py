@@ -588,14 +588,13 @@ def test_packed_documents_count_their_mask_and_rotary_tables(device_type: str, k
     b, s, d = cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.head_dim
     itemsize = 2 if cfg.optimizer.bf16 else 4
     flash = working_memory(cfg, "flash")[0]  # no scores, no repeated K/V: what the document kernels keep too
-    # DatasetConfig's fields are being added: set them on the instance until they exist
-    setattr(cfg.dataset, "reset_attention_mask", True)
+    cfg.dataset.reset_attention_mask = True
     assert kernel_of(cfg, device_type) == kernel
     masked = working_memory(cfg, kernel)[0]
     blocks = -(-s // 128)
     expected = itemsize * b * s * s if kernel == "sdpa+mask" else 4 * (4 * b * blocks**2 + 4 * b * blocks)
     assert masked - flash == expected  # the additive [b, 1, s, s] mask, or flex's eight int32 block tables
-    setattr(cfg.dataset, "reset_position_ids", True)
+    cfg.dataset.reset_position_ids = True
     assert working_memory(cfg, kernel)[0] - masked == 2 * b * s * d * itemsize  # cos and sin [b, 1, s, d]
     target = Target("cpu", device_type, 64 * 2**30, "test")
     p = plan(cfg, 3200, [1], target=target)

@@ -124,8 +124,7 @@ def _working_lines(cfg: ConfigContainer, kernel: str) -> list[str]:
     full = m.recompute_num_layers if m.recompute_granularity == "full" else 1
     setting = (m.recompute_granularity or "no recompute") + (
         f", {m.recompute_method} {full}" if m.recompute_granularity == "full" else "")
-    reset_positions = getattr(cfg.dataset, "reset_position_ids", False)
-    documents = document_bytes(m, mbs, opt, kernel, reset_position_ids=reset_positions)
+    documents = document_bytes(m, mbs, opt, kernel, reset_position_ids=cfg.dataset.reset_position_ids)
     options = {"none": activation_bytes(m, mbs, opt, granularity=None, **keeps) + documents,
                "selective": activation_bytes(m, mbs, opt, granularity="selective", **keeps) + documents,
                "full uniform 1": activation_bytes(m, mbs, opt, granularity="full", method="uniform",
@@ -140,7 +139,7 @@ def _working_lines(cfg: ConfigContainer, kernel: str) -> list[str]:
         f"activations / microbatch ({mbs} × {m.seq_length} tokens{tp}): {_bytes(activations)} ({setting}); "
         + ", ".join(f"{name} {_bytes(x)}" for name, x in options.items()),
         *([f"  of which packed documents: {_bytes(documents)} (the document mask once per forward"
-           + (", cos and sin per row: dataset.reset_position_ids)" if reset_positions else ")")]
+           + (", cos and sin per row: dataset.reset_position_ids)" if cfg.dataset.reset_position_ids else ")")]
           if documents else []),
         f"logits / microbatch: {_bytes(logits)} ({loss}); {other_name} {_bytes(logits_bytes(m, mbs, other))}",
     ]

@@ -331,7 +331,7 @@ def precision(optimizer: OptimizerConfig) -> str:
 def kernel_of(cfg: ConfigContainer, device_type: str) -> str:
     """The kernel the config's attention runs on ``device_type`` (cpu or cuda): an SDPA kernel, or under
     ``dataset.reset_attention_mask`` the document kernel (``flex_attention`` or ``sdpa+mask``)."""
-    if getattr(cfg.dataset, "reset_attention_mask", False):  # DatasetConfig's field, when it exists
+    if cfg.dataset.reset_attention_mask:
         return document_attention_kernel(precision(cfg.optimizer), device_type)
     return attention_kernel(precision(cfg.optimizer), device_type)
 
@@ -352,7 +352,7 @@ def working_memory(cfg: ConfigContainer, kernel: str) -> tuple[float, float]:
                                    **kernel_keeps(m, kernel), method=m.recompute_method,
                                    num_layers=m.recompute_num_layers)
     activations += document_bytes(m, b, cfg.optimizer, kernel,
-                                  reset_position_ids=getattr(cfg.dataset, "reset_position_ids", False))
+                                  reset_position_ids=cfg.dataset.reset_position_ids)
     return activations, logits_bytes(m, b, m.cross_entropy_chunk_size)
 
 

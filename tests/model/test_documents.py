@@ -11,6 +11,7 @@ import torch
 from anneal.config.model import ModelConfig
 from anneal.errors import ConfigError
 from anneal.model import qwen3
+from anneal.config.dataset import DatasetConfig
 from anneal.model.documents import DocumentBoundaries, document_boundaries
 from anneal.model.loss import IGNORE_INDEX
 from anneal.model.qwen3 import build_model, document_attention, document_mask
@@ -84,11 +85,9 @@ def test_flags_need_the_end_of_document_id() -> None:
         DocumentBoundaries(None, reset_attention_mask=True)
     DocumentBoundaries(None)  # nothing to do without flags
 
-    class Dataset:  # a DatasetConfig before (or after) it has the flags
-        reset_attention_mask = True
-
-    assert document_boundaries(Dataset(), EOD) == DocumentBoundaries(EOD, reset_attention_mask=True)
-    assert document_boundaries(object(), EOD) == DocumentBoundaries(EOD)
+    dataset = DatasetConfig(reset_attention_mask=True)
+    assert document_boundaries(dataset, EOD) == DocumentBoundaries(EOD, reset_attention_mask=True)
+    assert document_boundaries(DatasetConfig(), EOD) == DocumentBoundaries(EOD)
 
 
 def _packed_windows() -> torch.Tensor:

@@ -96,9 +96,8 @@ def position_ids(is_eod: torch.Tensor) -> torch.Tensor:
 
 
 def document_boundaries(dataset: object, eod: int | None) -> DocumentBoundaries:
-    """The flags of a ``DatasetConfig`` (``dataset.reset_position_ids`` …; off where it lacks them) and the
-    tokenizer's ``eod``."""
-    return DocumentBoundaries(eod,
-                              reset_position_ids=bool(getattr(dataset, "reset_position_ids", False)),
-                              reset_attention_mask=bool(getattr(dataset, "reset_attention_mask", False)),
-                              eod_mask_loss=bool(getattr(dataset, "eod_mask_loss", False)))
+    """The flags of a ``DatasetConfig`` (``dataset.reset_position_ids``, ``reset_attention_mask``,
+    ``eod_mask_loss``) with the data's ``eod`` (``anneal.data``'s ``RunData.eod``)."""
+    return DocumentBoundaries(eod, reset_position_ids=dataset.reset_position_ids,
+                              reset_attention_mask=dataset.reset_attention_mask,
+                              eod_mask_loss=dataset.eod_mask_loss)

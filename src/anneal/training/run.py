@@ -22,7 +22,7 @@ from anneal.data.datasets import RunData, build_data
 from anneal.devices import describe_attention
 from anneal.errors import AnnealError, RunError
 from anneal.hf.importer import check_pretrained, load_pretrained
-from anneal.model.documents import DocumentBoundaries
+from anneal.model.documents import document_boundaries
 from anneal.model.flops import flops_per_token, num_parameters
 from anneal.optim import setup_optimizer
 from anneal.optim.setup import model_dtype
@@ -126,11 +126,9 @@ def _build_and_train(cfg: ConfigContainer, plan: ResumePlan, ctx: DistContext, d
         return exits.OK
     profiler = ProfilerWindow(cfg.profiling, out / "profile", rank=ctx.rank, device=ctx.device,
                               iteration=state.iteration)
-    documents = DocumentBoundaries(data.eod, reset_position_ids=cfg.dataset.reset_position_ids,
-                                   reset_attention_mask=cfg.dataset.reset_attention_mask,
-                                   eod_mask_loss=cfg.dataset.eod_mask_loss)
     parts = LoopParts(model, optimizer, scheduler, data.train, data.valid, derived.ramp, checkpointer=checkpointer,
-                      throughput=throughput, profiler=profiler, documents=documents, downstream=downstream)
+                      throughput=throughput, profiler=profiler,
+                      documents=document_boundaries(cfg.dataset, data.eod), downstream=downstream)
     if downstream is not None:
         metrics.info(f"anneal: {cfg.downstream_eval.describe()}")
     trainer = Trainer(cfg.train, parts, ctx, metrics, train_iters=derived.train_iters,

@@ -168,7 +168,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=ctx.device)
         batches = self._microbatches(p.train_data, s.consumed_samples, num_micro)
         divisor = self._loss_divisor(batches, num_micro)
-        reduction = "mean" if isinstance(divisor, int) else "sum"
+        reduction = "sum" if p.documents.eod_mask_loss else "mean"  # what the divisor divides
         for i, tokens in enumerate(batches):
             self._reduce_grads_in_backward(last=i == num_micro - 1)
             loss = p.model(**p.documents.inputs(tokens), reduction=reduction)
