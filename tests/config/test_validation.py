@@ -72,6 +72,9 @@ RULES = [
     (["plan.mfu=1.5"], "plan.mfu (1.5) must be in (0, 1]"),
     (["plan.device=MI300"], "did you mean 'MI300X'?"),
     (["model.vocab_size=200"], "model.vocab_size (200) must be > the largest token of dataset.kind 'stdlib' (256)"),
+    (["downstream_eval.limit=1.5"], "downstream_eval.limit (1.5) must be a number of documents (>= 1) or a "
+                                     "fraction in (0, 1)"),  # not rounded down to 1
+    (["downstream_eval.limit=0"], "downstream_eval.limit (0) must be > 0 or null"),
 ]
 
 

@@ -18,10 +18,12 @@ def both(byte_run):
 
     from anneal.evals.adapter import AnnealLM
     from anneal.evals.cli import load_model
+    from anneal.hf.exporter import open_checkpoint
     from anneal.hf.tokenizer_files import run_tokenizer
 
     checkpoint, export = byte_run
-    model, stored = load_model(checkpoint)
+    stored = open_checkpoint(checkpoint)
+    model = load_model(stored)
     tokenizer = run_tokenizer(stored.config["dataset"], stored.model.vocab_size).load(stored.model)
     ours = AnnealLM(model, tokenizer, max_length=stored.model.seq_length, batch_size=4)
     return ours, HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=1)

@@ -16,12 +16,12 @@ def hf_results(byte_run, tasks_dir) -> dict:
     """lm-eval's own ``hf`` backend on the export of the checkpoint, fp32 on the CPU."""
     import lm_eval
 
-    from anneal.evals.harness import task_manager
+    from anneal.evals.harness import FIELDS, task_manager
 
     _, export = byte_run
+    manager = task_manager(("my_mc",), str(tasks_dir), FIELDS)
     return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export},dtype=float32", device="cpu",
-                                   tasks=["my_mc"], task_manager=task_manager(("my_mc",), str(tasks_dir)),
-                                   log_samples=False)["results"]
+                                   tasks=["my_mc"], task_manager=manager, log_samples=False)["results"]
 
 
 def test_anneal_eval_gives_the_hf_backends_acc_and_acc_norm_on_the_export(byte_run, tasks_dir, hf_results,

@@ -46,10 +46,12 @@ def test_run_downstream_gives_the_clis_metrics_and_keeps_train_mode_and_the_rng(
     import torch
 
     from anneal.evals.cli import load_model, main
+    from anneal.hf.exporter import open_checkpoint
     from anneal.evals.harness import run_downstream, run_tokenizer
 
     checkpoint, _ = byte_run
-    model, stored = load_model(checkpoint)
+    stored = open_checkpoint(checkpoint)
+    model = load_model(stored)
     model.train()
     random.seed(5)
     torch.manual_seed(5)
@@ -79,7 +81,7 @@ def test_rolling_and_generation_tasks_give_their_metrics_with_a_limit(byte_run, 
 
 def test_an_include_path_that_is_not_a_directory_is_refused(tmp_path) -> None:
     pytest.importorskip("lm_eval")
-    from anneal.evals.harness import task_manager
+    from anneal.evals.harness import FIELDS, task_manager
 
     with pytest.raises(ConfigError, match=r"^downstream_eval\.include_path \('.*absent'\) is not a dir"):
-        task_manager(("my_mc",), str(tmp_path / "absent"))
+        task_manager(("my_mc",), str(tmp_path / "absent"), FIELDS)

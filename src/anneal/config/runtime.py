@@ -13,6 +13,7 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+LIMIT_RULE = "must be a number of documents (>= 1) or a fraction in (0, 1)"  # lm-eval's --limit
 EVAL_MODULES = ("lm_eval", "transformers")  # what downstream_eval.tasks imports (the anneal[eval] extra)
 
 
@@ -173,9 +174,20 @@ class DownstreamEvalConfig:
         return f"downstream evals: {', '.join(self.tasks)} (lm-eval{limit}) {when}after the last iteration"
 
     def validate(self) -> None:
+        eval_limit(self.limit, "downstream_eval.limit")
         if any(not isinstance(task, str) or not task.strip() for task in self.tasks):
             raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) must be lm-eval task names")
         missing = [name for name in EVAL_MODULES if importlib.util.find_spec(name) is None]  # none imported
         if self.tasks and missing:
             raise ConfigError(f"downstream_eval.tasks ({self.tasks!r}) needs lm-evaluation-harness and "
                               f"transformers ({', '.join(missing)} not installed): pip install 'anneal[eval]'")
+
+
+def eval_limit(value: float | None, field: str) -> int | float | None:
+    """lm-eval's ``--limit`` from ``field``: a number of documents per task (a whole number >= 1) or a fraction
+    of them in (0, 1); None: all. ConfigError naming the field for anything else (1.5 is not rounded)."""
+    if value is None:
+        return None
+    if not value > 0 or (value >= 1 and not float(value).is_integer()):
+        raise ConfigError(f"{field} ({value!r}) {LIMIT_RULE}")
+    return int(value) if value >= 1 else value

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from anneal import exits
-from anneal.errors import ConfigError
+from anneal.config.runtime import LIMIT_RULE, eval_limit
+from anneal.errors import AnnealError, ConfigError
 
 FIELDS = ("--tasks", "--include-path")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,20 +32,31 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--tasks ({args.tasks!r}) must name at least one task")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size ({args.batch_size}) must be at least 1")
+        if args.output:  # before the evaluation, whose results an unwritable path would lose
+            _writable(Path(args.output))
         results = evaluate_checkpoint(args.checkpoint, tasks=tasks, include_path=args.include_path,
                                       limit=_limit(args.limit), batch_size=args.batch_size,
                                       device=args.device, dtype=args.dtype)
-    except ConfigError as error:
+    except AnnealError as error:
         exits.report(error)
-        return exits.CONFIG
+        return exits.CONFIG if isinstance(error, ConfigError) else exits.FAILED
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(make_table(results))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
         print(f"wrote {args.output}")
     return exits.OK
+
+
+def _writable(path: Path) -> None:
+    """``--output``'s directory, made now; ConfigError naming the flag when it cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output ({str(path)!r}): cannot create its directory ({error.strerror})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--output ({str(path)!r}) must be a file in a writable directory")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, tasks: list[str], include_path: str | None,
@@ -51,15 +64,19 @@ def evaluate_checkpoint(checkpoint: str | Path, *, tasks: list[str], include_pat
                         dtype: str = "float32") -> dict[str, Any]:
     """lm-eval's results for ``checkpoint`` on ``tasks``: ``results``, ``versions``, ``n-shot``, ... and
     ``checkpoint``, the ``iter_*`` directory read."""
-    from anneal.evals.harness import evaluate_tasks, require_lm_eval
+    from anneal.evals.harness import evaluate_tasks, require_lm_eval, task_manager
+    from anneal.hf.exporter import open_checkpoint
+    from anneal.hf.tokenizer_files import run_tokenizer
 
     require_lm_eval(tasks, FIELDS)
     from anneal.evals.adapter import AnnealLM
 
-    model, stored = load_model(checkpoint, device=device, dtype=dtype)
-    from anneal.hf.tokenizer_files import run_tokenizer
-
+    # What can be refused is refused before the weights are read: the checkpoint's files, the tasks
+    # (lm-eval's index, cached for evaluate_tasks), the tokenizer, the device.
+    stored = open_checkpoint(checkpoint)
+    task_manager(tuple(tasks), include_path, FIELDS)
     tokenizer = run_tokenizer(stored.config.get("dataset"), stored.model.vocab_size).load(stored.model)
+    model = load_model(stored, device=_device(device), dtype=dtype)
     lm = AnnealLM(model, tokenizer, max_length=stored.model.seq_length, batch_size=batch_size, device=device)
     results = evaluate_tasks(lm, tasks=tasks, include_path=include_path, limit=limit, fields=FIELDS)
     keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
@@ -67,21 +84,31 @@ def evaluate_checkpoint(checkpoint: str | Path, *, tasks: list[str], include_pat
     return {"checkpoint": str(stored.path), **{k: results[k] for k in keep if k in results}}
 
 
-def load_model(checkpoint: str | Path, *, device: str = "cpu", dtype: str = "float32"):
-    """(the checkpoint's model in ``dtype`` on ``device``, in eval mode; its ``StoredRun``)."""
+def load_model(stored: Any, *, device: str = "cpu", dtype: str = "float32"):
+    """The model of an opened checkpoint (``anneal.hf.exporter.open_checkpoint``), in ``dtype`` on
+    ``device``, in eval mode."""
     import dataclasses
 
     import torch
 
-    from anneal.hf.exporter import open_checkpoint, read_tensors
+    from anneal.hf.exporter import read_tensors
     from anneal.model.qwen3 import build_model
 
-    stored = open_checkpoint(checkpoint)
     cfg = dataclasses.replace(stored.model, tensor_model_parallel_size=1)  # one process holds it whole
     model = build_model(cfg, device="meta")
     tensors = read_tensors(stored, list(stored.tensors))
     model.load_state_dict({name: t.to(getattr(torch, dtype)) for name, t in tensors.items()}, assign=True)
-    return model.to(device).eval(), stored
+    return model.to(device).eval()
+
+
+def _device(device: str) -> str:
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device ({device!r}) is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    return device
 
 
 def _limit(text: str | None) -> int | float | None:
@@ -91,10 +118,8 @@ def _limit(text: str | None) -> int | float | None:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value > 0 or (value >= 1 and not value.is_integer()):
-        raise ConfigError(f"--limit ({text!r}) must be a number of documents (>= 1) or a fraction in (0, 1)")
-    return int(value) if value >= 1 else value
+        raise ConfigError(f"--limit ({text!r}) {LIMIT_RULE}") from None
+    return eval_limit(value, "--limit")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -36,9 +36,9 @@ def run_downstream(model: torch.nn.Module, tokenizer: Any, *, tasks: Sequence[st
     random number generators that lm-eval seeds are restored.
     """
     require_lm_eval(tasks, FIELDS)
-    from anneal.evals.adapter import AnnealLM
-
     import lm_eval.evaluator
+
+    from anneal.evals.adapter import AnnealLM
 
     lm = AnnealLM(model, tokenizer, max_length=max_length, batch_size=batch_size, group=group)
     manager = task_manager(tuple(tasks), include_path, FIELDS)
@@ -49,7 +49,7 @@ def run_downstream(model: torch.nn.Module, tokenizer: Any, *, tasks: Sequence[st
         # collect_env's subprocesses on every rank at every evaluation); no stderr: the values alone
         results = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0,
                                              log_samples=False)
-    return _same_on_every_rank(flat_metrics(results) if results is not None else None)
+    return flat_metrics(results)  # every rank: lm-eval is one process on each, its requests' results gathered
 
 
 def _seed_as_simple_evaluate(tasks: Any) -> None:
@@ -130,7 +130,7 @@ def run_tokenizer(dataset: DatasetConfig | dict | None, model: ModelConfig) -> A
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(tasks: tuple[str, ...], include_path: str | None, fields: tuple[str, str] = FIELDS) -> Any:
+def task_manager(tasks: tuple[str, ...], include_path: str | None, fields: tuple[str, str]) -> Any:
     """lm-eval's TaskManager that knows ``tasks``: the include path's alone when it holds them all (lm-eval
     indexes its own thousands of tasks in seconds), else with lm-eval's. ConfigError for an unknown task."""
     from pathlib import Path
@@ -189,14 +189,3 @@ def _rng_kept() -> Iterator[None]:
         torch.random.set_rng_state(states[2])
         if states[3] is not None:
             torch.cuda.set_rng_state_all(states[3])
-
-
-def _same_on_every_rank(metrics: dict[str, float] | None) -> dict[str, float]:
-    """Global rank 0's metrics on every rank (lm-eval returns results only where ``LOCAL_RANK`` is 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [metrics]
-        dist.broadcast_object_list(holder, src=0)
-        metrics = holder[0]
-    return metrics or {}

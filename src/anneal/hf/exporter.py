@@ -55,13 +55,14 @@ def parse_size(text: str) -> int:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, max_shard_bytes: int) -> Export:
     """Write the Hugging Face directory ``out`` from ``checkpoint`` (an ``iter_*`` or a save directory)."""
     stored = open_checkpoint(checkpoint)
+    # before anything is written: a damaged PREFIX.json is refused, not found after the weights
+    tokenizer = run_tokenizer(stored.config.get("dataset"), stored.model.vocab_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:  # a previous export's weights
         stale.unlink(missing_ok=True)
     written = _write_weights(stored, out, max_shard_bytes)
     dtype = DTYPE_NAMES[str(next(iter(stored.tensors.values()))[1])]
-    tokenizer = run_tokenizer(stored.config.get("dataset"), stored.model.vocab_size)
     ids = tokenizer.ids
     (out / "config.json").write_text(json.dumps({**hf_config(stored.model, dtype), **ids}, indent=2) + "\n")
     generation = {"_from_model_config": True, **ids}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from anneal.config.container import ConfigContainer
-from anneal.config.runtime import DownstreamEvalConfig
+from anneal.config.runtime import DownstreamEvalConfig, eval_limit
 from anneal.errors import ConfigError
 
 
@@ -32,9 +32,10 @@ class DownstreamEvals:
         evals = cfg.downstream_eval
         if not evals.tasks:
             return None
-        from anneal.evals.harness import run_tokenizer, task_manager
+        from anneal.evals.harness import FIELDS, run_tokenizer, task_manager
 
-        task_manager(tuple(evals.tasks), evals.include_path)  # lm-eval indexes its tasks (seconds), once
+        # lm-eval indexes its tasks (seconds): cached, so the evaluations use this one (the same key)
+        task_manager(tuple(evals.tasks), evals.include_path, FIELDS)
         try:
             tokenizer = run_tokenizer(cfg.dataset, cfg.model)
         except ConfigError as error:
@@ -49,7 +50,6 @@ class DownstreamEvals:
         """``{"eval/<task>/<metric>": value}``, the same on every rank; every rank of the job calls it."""
         from anneal.evals.harness import run_downstream
 
-        limit = int(self.cfg.limit) if self.cfg.limit is not None and self.cfg.limit >= 1 else self.cfg.limit
         return run_downstream(model, self.tokenizer, tasks=self.cfg.tasks, include_path=self.cfg.include_path,
-                              limit=limit, max_length=self.max_length, group=group,
+                              limit=eval_limit(self.cfg.limit, "downstream_eval.limit"), max_length=self.max_length, group=group,
                               batch_size=self.cfg.batch_size)
