@@ -159,6 +159,19 @@ def _no_config(tmp_path: Path) -> list[str]:
     return [str(run)]
 
 
+def _no_samples(tmp_path: Path) -> list[str]:
+    run = write_run(tmp_path / "run", [train(1, 2.0)])
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "loss": 2.0}\n')  # no consumed_samples
+    return [str(run)]
+
+
+def _not_utf8(tmp_path: Path) -> list[str]:
+    run = write_run(tmp_path / "run", [train(1, 2.0)])
+    with (run / "metrics.jsonl").open("ab") as file:
+        file.write(b'{"iteration": 2, "loss": \xff}\n')
+    return [str(run)]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: [], "anneal: error: no run directory given: compare_runs.py RUN_DIR [RUN_DIR ...]"),
     (_no_metrics, "anneal: error: {tmp}/run has no metrics.jsonl: give run directories (Hydra's output "
@@ -169,11 +182,23 @@ def _no_config(tmp_path: Path) -> list[str]:
                  "per sample"),
     (lambda tmp: [*_no_config(tmp), "--labels", "a,b"], "anneal: error: --labels has 2 labels for 1 run "
                                                          "directories"),
-], ids=["no_runs", "no_metrics", "empty", "corrupt", "no_config", "labels"])
+    (_no_samples, "anneal: error: {tmp}/run/metrics.jsonl: no training records (with 'loss' and "
+                  "consumed_samples)"),
+    (_not_utf8, "anneal: error: {tmp}/run/metrics.jsonl:2: not a JSON record (Expecting value)"),
+], ids=["no_runs", "no_metrics", "empty", "corrupt", "no_config", "labels", "no_samples", "not_utf8"])
 def test_bad_input_fails_in_one_line_with_exit_code_2(make, message, tmp_path, capsys) -> None:
     assert main(make(tmp_path)) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [message.format(tmp=tmp_path)] and not captured.out
+
+
+def test_a_figure_it_cannot_write_is_one_line_after_the_table(family, tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    assert main([*map(str, family), "-o", str(tmp_path / "file" / "c.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"anneal: error: --output ('{tmp_path}/file/c.png'): cannot write the "
+                                         "figure (File exists)"]  # its directory is a file
+    assert "parent" in captured.out  # the table came first
 
 
 def test_a_metric_pattern_that_matches_nothing_lists_the_keys(family, capsys) -> None:

@@ -107,6 +107,34 @@ def test_a_failed_run_keeps_the_previous_output_and_leaves_no_partial_files(tmp_
                                                           "out.json"]
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_previous_output(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from anneal.data.indexed import IndexedDatasetWriter
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "abc"}\n')
+    preprocess([good], tmp_path / "out", tokenizer=ByteTokenizer())
+    before = _files(tmp_path / "out")
+
+    def full(self, tokens) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexedDatasetWriter, "add_document", full)
+    with pytest.raises(RunError, match=r"--output-prefix \('.*/out'\): writing failed \(No space left on "
+                                       r"device\); nothing was written"):
+        preprocess([good], tmp_path / "out", tokenizer=ByteTokenizer())
+    assert _files(tmp_path / "out") == before
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_an_output_prefix_under_a_file_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "in.txt").write_text("abc")
+    with pytest.raises(ConfigError, match=r"--output-prefix \('.*/file/out'\): cannot create its directory"):
+        preprocess([tmp_path / "in.txt"], tmp_path / "file" / "out", tokenizer=ByteTokenizer())
+
+
 def test_a_jsonl_line_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')

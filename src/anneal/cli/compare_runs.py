@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return exits.CONFIG
     smooth = args.smooth if args.smooth is not None else auto_smooth(runs)
     print(table(runs, keys, smooth))
-    png = plot_runs(runs, keys, Path(args.output), smooth)
+    try:
+        png = plot_runs(runs, keys, Path(args.output), smooth)
+    except OSError as error:  # the table is out; the figure could not be written
+        exits.report(f"--output ({args.output!r}): cannot write the figure ({error.strerror})")
+        return exits.FAILED
     print(f"wrote {png.resolve()} ({_count(len(runs), 'run')}, {_count(len(keys), 'panel')})")
     return exits.OK
 
@@ -141,9 +145,9 @@ def load_run(path: Path, label: str) -> Run:
     known = {0: 0.0} | ({branch.iteration: branch.samples} if branch else {})  # samples after an iteration
     known |= {r["iteration"]: float(r["consumed_samples"]) for r in records
               if _number(r.get("consumed_samples"))}
-    series = collect(records, lambda it: seq * samples_at(it, known))
-    if TRAIN not in series or len(known) < 2:
+    if len(known) < 2 or not any(TRAIN in r for r in records):  # tokens need a logged consumed_samples
         raise ConfigError(f"{metrics}: no training records (with {TRAIN!r} and consumed_samples)")
+    series = collect(records, lambda it: seq * samples_at(it, known))
     last = series[TRAIN].iterations[-1]
     return Run(label, path, series, last, seq * samples_at(last, known), seq, branch)
 
@@ -152,7 +156,7 @@ def read_records(metrics: Path) -> list[dict]:
     """The JSON records of ``metrics.jsonl`` that name an iteration; anything else than JSON objects, one a
     line, is an error naming the file and line."""
     records, number = [], 0
-    with metrics.open() as file:
+    with metrics.open(errors="replace") as file:  # a damaged byte fails the JSON parse: file:line
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue

@@ -88,7 +88,11 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
     sources = [(path, _format(path, input_format)) for path in map(Path, inputs)]
     input_bytes = sum(_check_input(path, fmt, json_key) for path, fmt in sources)
     partial = f"{output_prefix}.partial"
-    Path(partial).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(partial).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output-prefix ({str(output_prefix)!r}): cannot create its directory "
+                          f"({error.strerror})") from None
     meter = Progress(progress, input_bytes) if progress is not None else None
     start = time.perf_counter()
     try:
@@ -100,9 +104,13 @@ def preprocess(inputs: Sequence[str | Path], output_prefix: str | Path, *, token
                               "dtype": stats.dtype})
         for suffix in _OUTPUT_SUFFIXES:  # .json last: it says the tokens are complete
             os.replace(partial + suffix, f"{output_prefix}{suffix}")
-    except BaseException:
+    except BaseException as error:
         for suffix in _OUTPUT_SUFFIXES:
             Path(partial + suffix).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, a directory gone: one line, nothing left half-written
+            why = error.strerror or error
+            raise RunError(f"--output-prefix ({str(output_prefix)!r}): writing failed ({why}); nothing was "
+                           "written") from error
         raise
     finally:
         if meter is not None:
